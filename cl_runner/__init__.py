@@ -1,0 +1,3 @@
+"""cl-runner: config-driven continual learning of LLMs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,56 @@
+"""The hooks a method may implement. The runner calls them; the training loop owns the step.
+
+A method overrides only what differs from plain sequential fine-tuning of whatever
+parameters are trainable: how the model is wrapped (``setup``), what happens around a task
+(``before_task`` sees the task's data, ``after_task``), extra loss terms that may read model
+internals (``extra_loss``), which weights answer each task at evaluation (``eval_context``)
+and what it must save to resume (``save_checkpoint`` / ``load_checkpoint``). ``learn`` is
+where a method that does not train by gradient (a closed-form weight edit) would step in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from cl_runner.tasks import Task
+
+
+class ContinualMethod:
+    """No-op defaults. Subclass once (no deeper hierarchies) and override what differs."""
+
+    def setup(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Wrap or modify the freshly loaded model; return the model to train and evaluate."""
+        return model
+
+    def before_task(self, model: torch.nn.Module, task_index: int, task: Task) -> None:
+        """Called before training task ``task_index`` (0-based); ``task.train`` holds its data."""
+
+    def trainable_parameters(self, model: torch.nn.Module) -> Iterable[torch.nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def learn(self, model: torch.nn.Module, task_index: int, task: Task, train: Callable[[], dict]) -> dict:
+        """Learn one task. The default runs the shared training loop (``train()``) and returns its stats."""
+        return train()
+
+    def extra_loss(self, model: torch.nn.Module, batch: dict, outputs) -> torch.Tensor | None:
+        """A term added to the cross-entropy loss of every batch (None: nothing)."""
+        return None
+
+    def after_task(self, model: torch.nn.Module, task_index: int, task: Task) -> None:
+        """Called after training task ``task_index``, before it is evaluated and checkpointed."""
+
+    def eval_context(self, model: torch.nn.Module, tasks_learnt: int, task_index: int):
+        """A context manager under which task ``task_index`` is evaluated, ``tasks_learnt`` tasks in."""
+        return contextlib.nullcontext()
+
+    def save_checkpoint(self, model: torch.nn.Module, directory: Path, task_index: int) -> None:
+        """Write what is needed to restore the model after task ``task_index`` into ``directory``."""
+        raise NotImplementedError
+
+    def load_checkpoint(self, model: torch.nn.Module, directories: list[Path]) -> None:
+        """Restore the state after the last completed task; ``directories[t]`` holds task t's checkpoint."""
+        raise NotImplementedError

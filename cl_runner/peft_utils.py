@@ -1,0 +1,34 @@
+"""Small helpers shared by the LoRA-based methods: build configs, save and load adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+
+def lora_config(settings) -> LoraConfig:
+    """A causal-LM LoraConfig from the method YAML's ``lora:`` block."""
+    settings = dict(settings)
+    settings["target_modules"] = list(settings["target_modules"]) if not isinstance(settings["target_modules"], str) else settings["target_modules"]
+    return LoraConfig(task_type="CAUSAL_LM", **settings)
+
+
+def save_adapter(model, path: Path, adapter_name: str = "default") -> None:
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
+
+
+def load_adapter(model, path: Path, adapter_name: str = "default") -> None:
+    device = next(model.parameters()).device
+    state = load_file(str(path), device=str(device))
+    result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise RuntimeError(f"adapter file {path} does not match the model: unexpected keys {unexpected[:3]}")
+
+
+def trainable_parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

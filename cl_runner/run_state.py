@@ -1,0 +1,110 @@
+"""What a run directory remembers between invocations, so a rerun continues where it stopped.
+
+``state.json`` is rewritten atomically after each task's checkpoint is complete, so after a
+kill it names only tasks whose checkpoints exist; a half-written checkpoint folder (still
+named ``*.tmp``) is never trusted. ``state.json`` also stores the settings that decide the
+results, and a rerun with different ones is refused instead of mixing two experiments.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cl_runner.errors import UserError
+from cl_runner.results import write_json_atomic
+
+STATE_FILE = "state.json"
+CHECKPOINT_DIR = "checkpoints"
+# Settings that may change between a run and its resume without changing its results.
+RESUME_SAFE_KEYS = ("trainer.device", "trainer.progress_bar", "trainer.log_every", "eval.progress_bar", "eval.batch_size", "logger")
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def result_settings(config: dict) -> dict:
+    """The flattened settings that determine a run's results (see RESUME_SAFE_KEYS)."""
+    flat = flatten({k: v for k, v in config.items() if k != "logger"})
+    return {k: v for k, v in flat.items() if not any(k == s or k.startswith(s + ".") for s in RESUME_SAFE_KEYS)}
+
+
+@dataclass
+class RunState:
+    run_dir: Path
+    settings: dict
+    tasks: list[str]
+    acc_matrix: list[list[float]] = field(default_factory=list)
+    general: list[float] = field(default_factory=list)
+    train_stats: list[dict] = field(default_factory=list)
+    timing: dict = field(default_factory=lambda: {"train_s": [], "eval_s": []})
+
+    @property
+    def tasks_completed(self) -> int:
+        return max(0, len(self.acc_matrix) - 1)
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run_dir / CHECKPOINT_DIR
+
+    def checkpoint_dir(self, task_index: int) -> Path:
+        return self.checkpoint_root / f"task_{task_index + 1:02d}_{self.tasks[task_index]}"
+
+    def completed_checkpoints(self) -> list[Path]:
+        return [self.checkpoint_dir(t) for t in range(self.tasks_completed)]
+
+    @classmethod
+    def open(cls, run_dir: Path, settings: dict, tasks: list[str]) -> RunState:
+        """Load the state of ``run_dir`` or start a new one; refuse a run with other settings."""
+        path = run_dir / STATE_FILE
+        if not path.exists():
+            return cls(run_dir, settings, tasks)
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} is corrupt ({exc.msg}); delete the run directory to start over") from exc
+        changed = sorted(k for k in set(saved["settings"]) | set(settings) if saved["settings"].get(k) != settings.get(k))
+        if changed:
+            detail = ", ".join(f"{k}: {saved['settings'].get(k)!r} -> {settings.get(k)!r}" for k in changed[:3])
+            raise UserError(
+                f"run directory {run_dir} holds a run with other settings ({detail}); "
+                "use another directory (hydra.run.dir=...) or delete this one"
+            )
+        state = cls(run_dir, settings, tasks, saved["acc_matrix"], saved["general"], saved["train_stats"], saved["timing"])
+        missing = [str(p) for p in state.completed_checkpoints() if not p.is_dir()]
+        if missing:
+            raise UserError(f"{path} lists checkpoints that are missing ({missing[0]}); delete the run directory to start over")
+        return state
+
+    def save(self) -> None:
+        data = asdict(self)
+        data["run_dir"] = str(self.run_dir)
+        write_json_atomic(self.run_dir / STATE_FILE, data)
+
+    def record_row(self, scores: list[float], general: float | None, eval_seconds: float) -> None:
+        self.acc_matrix.append(scores)
+        if general is not None:
+            self.general.append(general)
+        self.timing["eval_s"].append(eval_seconds)
+
+    def commit_task(self, task_index: int, write_checkpoint, scores, general, stats: dict, eval_seconds: float) -> None:
+        """Write task ``task_index``'s checkpoint, then record its row: a kill in between leaves no trace."""
+        final = self.checkpoint_dir(task_index)
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)  # left by a run killed after the rename, before the state
+        tmp.mkdir(parents=True)
+        write_checkpoint(tmp)
+        tmp.rename(final)
+        self.train_stats.append(stats)
+        self.timing["train_s"].append(stats["seconds"])
+        self.record_row(scores, general, eval_seconds)
+        self.save()

@@ -1,0 +1,194 @@
+"""The runner: the one place that orders train, evaluate, checkpoint and resume.
+
+    R[0]   = every task scored by the base model
+    for each task t of the sequence (skipping those a previous invocation completed):
+        method.before_task -> method.learn (the training loop) -> method.after_task
+        R[t] = every task scored again; the general probe too
+        checkpoint, then state.json (atomically)
+    results.json, heatmap, logger summary
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from cl_runner.evaluation import evaluate_task, evaluate_tasks
+from cl_runner.formatting import PromptFormatter
+from cl_runner.models import load_model, resolve_device
+from cl_runner.results import build_results, plot_heatmap, write_json_atomic
+from cl_runner.run_state import RunState, result_settings
+from cl_runner.tasks import Task, load_task_sequence
+from cl_runner.training import TrainingLoop
+
+log = logging.getLogger("cl_runner")
+
+
+class EventLog:
+    """``train_log.jsonl``: one JSON object per training step and per evaluation row."""
+
+    def __init__(self, path: Path, logger):
+        self.path = path
+        self.logger = logger
+
+    def write(self, event: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(event) + "\n")
+
+    def step(self, task_name: str, record: dict) -> None:
+        self.write({"event": "train_step", "task": task_name, **record})
+        self.logger.log_step(record, task_name)
+
+    def evaluation(self, row: int, task_names: list[str], scores: list[float], general: float | None) -> None:
+        self.write({"event": "eval", "tasks_learnt": row, "scores": dict(zip(task_names, scores)), "general_probe": general})
+        self.logger.log_evaluation(row, task_names, scores, general)
+
+
+def build(node: DictConfig):
+    """Instantiate a config group's ``_target_``; its ``name`` key labels runs and is not an argument."""
+    return instantiate({k: v for k, v in node.items() if k != "name"})
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _format_row(scores: list[float]) -> str:
+    return "[" + " ".join(f"{s:.2f}" for s in scores) + "]"
+
+
+class Experiment:
+    """One run: built from the config, then driven by :meth:`run`."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.config = OmegaConf.to_container(cfg, resolve=True)
+        # Data first: a bad task file fails here, before anything is written to the run directory.
+        self.tasks, self.probe = load_task_sequence(self.config["task_sequence"])
+        self.task_names = [t.name for t in self.tasks]
+        self.state = RunState.open(run_dir, result_settings(self.config), self.task_names)
+        self.device = resolve_device(cfg.trainer.device)
+        self.timing: dict = {}
+        self._encoded: dict[str, list] = {}
+
+    def _encode(self, task: Task) -> list:
+        if task.name not in self._encoded:
+            self._encoded[task.name] = [self.formatter.encode_example(e) for e in task.train]
+        return self._encoded[task.name]
+
+    def _setup(self) -> None:
+        started = time.perf_counter()
+        seed_everything(self.cfg.seed)  # adapter initialisation draws from the global generators
+        model, tokenizer = load_model(self.cfg.model)
+        self.formatter = PromptFormatter(tokenizer, self.cfg.model.use_chat_template, self.cfg.model.system_prompt, self.cfg.trainer.max_length)
+        self.method = build(self.cfg.method)
+        self.model = self.method.setup(model).to(self.device)
+        self.replay = build(self.cfg.replay)
+        self.replay.setup(self._encode, list(self.cfg.task_sequence.task_dirs))
+        self.logger = build(self.cfg.logger)
+        self.events = EventLog(self.run_dir / "train_log.jsonl", self.logger)
+        self.loop = TrainingLoop(self.cfg.trainer, self.device, tokenizer.pad_token_id)
+        if self.state.tasks_completed:
+            self.method.load_checkpoint(self.model, self.state.completed_checkpoints())
+            for t in range(self.state.tasks_completed):
+                self.replay.add_task(t, self._encode(self.tasks[t]))
+            log.info("Resuming %s after task %d/%d (%s)", self.run_dir, self.state.tasks_completed, len(self.tasks), self.task_names[self.state.tasks_completed - 1])
+        self.timing["setup_s"] = time.perf_counter() - started
+
+    def _evaluate_row(self, tasks_learnt: int) -> tuple[list[float], float | None, float]:
+        started = time.perf_counter()
+        batch_size = self.cfg.eval.batch_size
+
+        def context(task_index):
+            return self.method.eval_context(self.model, tasks_learnt, task_index)
+
+        desc = "eval base" if tasks_learnt == 0 else f"eval after {self.task_names[tasks_learnt - 1]}"
+        scores = evaluate_tasks(self.model, self.formatter, self.tasks, batch_size, self.device, context, desc, self.cfg.eval.progress_bar)
+        general = None
+        if self.probe is not None:
+            # The probe measures the model as deployed after the sequence: the last-learnt weights.
+            with self.method.eval_context(self.model, tasks_learnt, max(0, tasks_learnt - 1)):
+                general = evaluate_task(self.model, self.formatter, self.probe, batch_size, self.device)
+        self.events.evaluation(tasks_learnt, self.task_names, scores, general)
+        return scores, general, time.perf_counter() - started
+
+    def _learn_task(self, t: int) -> dict:
+        task = self.tasks[t]
+        self.method.before_task(self.model, t, task)
+        examples = self._encode(task)
+
+        def train() -> dict:
+            self.loop.on_step = lambda record: self.events.step(task.name, record)
+            params = self.method.trainable_parameters(self.model)
+            return self.loop.train(self.model, params, examples, self.method, self.replay, seed=self.cfg.seed * 1000 + t, task_name=task.name)
+
+        stats = self.method.learn(self.model, t, task, train)
+        self.method.after_task(self.model, t, task)
+        self.replay.add_task(t, examples)
+        return stats
+
+    def run(self) -> dict:
+        total_started = time.perf_counter()
+        self._setup()
+        self.logger.start(self.run_dir, self.run_dir.name, self.config)
+        try:
+            if not self.state.acc_matrix:
+                scores, general, seconds = self._evaluate_row(0)
+                self.state.record_row(scores, general, seconds)
+                self.state.save()
+                log.info("base model: %s general %s", _format_row(scores), f"{general:.2f}" if general is not None else "-")
+            for t in range(self.state.tasks_completed, len(self.tasks)):
+                stats = self._learn_task(t)
+                scores, general, seconds = self._evaluate_row(t + 1)
+
+                def write_checkpoint(directory: Path, t=t) -> None:
+                    self.method.save_checkpoint(self.model, directory, t)
+
+                self.state.commit_task(t, write_checkpoint, scores, general, stats, seconds)
+                log.info(
+                    "task %d/%d %s: %d steps, %.1f s, %.0f tok/s, loss %.3f | R[%d] %s | general %s",
+                    t + 1, len(self.tasks), self.task_names[t], stats["steps"], stats["seconds"], stats["tokens_per_s"],
+                    stats["final_loss"] or float("nan"), t + 1, _format_row(scores), f"{general:.2f}" if general is not None else "-",
+                )
+            return self._finish(time.perf_counter() - total_started)
+        finally:
+            self.logger.finish()
+
+    def _finish(self, seconds: float) -> dict:
+        self.timing.update(self.state.timing)
+        self.timing["this_invocation_s"] = seconds
+        results = build_results(self.task_names, self.state.acc_matrix, self.state.general, self.timing, self.state.train_stats, self.config)
+        write_json_atomic(self.run_dir / "results.json", results)
+        heatmap = plot_heatmap(self.task_names, self.state.acc_matrix, self.run_dir / "acc_matrix.png", title=f"{self.cfg.method.name}: R[t][i]")
+        self.logger.log_results(results, heatmap)
+        metrics = results["metrics"]
+        log.info(
+            "done: acc %.3f avg_acc %.3f bwt %s fwt %s forgetting %s new_acc %.3f -> %s",
+            metrics["acc"], metrics["avg_acc"], _fmt(metrics["bwt"]), _fmt(metrics["fwt"]), _fmt(metrics["forgetting"]), metrics["new_acc"], self.run_dir / "results.json",
+        )
+        return results
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:+.3f}"
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Run (or resume) the experiment described by ``cfg`` in ``run_dir``; return results.json's content."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    return Experiment(cfg, run_dir).run()
+

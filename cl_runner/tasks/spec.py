@@ -1,0 +1,202 @@
+"""Task declarations: YAML in, validated examples out.
+
+A task YAML names a data source, how to turn a record ("doc") into a prompt and a target,
+optionally a closed set of choices, and a metric. ``include: other.yaml`` merges another
+declaration first, so a family of tasks shares one base file. Every problem with a task
+(unknown key, missing file, malformed line, empty split, target not among the choices)
+raises :class:`UserError` naming the task, the file and the line.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+
+from cl_runner.errors import UserError
+from cl_runner.tasks.sources import load_split
+
+BUILTIN_TASK_DIR = Path(__file__).parent / "builtin"
+METRICS = ("acc", "exact_match", "contains", "rouge_l")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One rendered record: the user prompt, the reference answer and, for closed sets, the choices."""
+
+    prompt: str
+    target: str
+    choices: tuple[str, ...] | None = None
+
+
+@dataclass
+class Task:
+    name: str
+    dataset_path: str  # "json" | "csv" | "parquet" | a Hugging Face hub dataset id
+    doc_to_text: str  # Jinja template (or a field name) giving the user prompt
+    doc_to_target: str  # Jinja template (or a field name) giving the answer
+    doc_to_choice: list[str] | str | None = None  # fixed list, or the name of a list-valued field
+    metric: str = "acc"
+    dataset_name: str | None = None
+    dataset_kwargs: dict[str, Any] = field(default_factory=dict)
+    training_split: str | None = "train"
+    test_split: str = "test"
+    train_size: int | None = None  # first N training records (None: all)
+    eval_size: int | None = None  # first N test records (None: all)
+    generation_kwargs: dict[str, Any] = field(default_factory=lambda: {"max_new_tokens": 16})
+    description: str = ""
+    base_dir: str = "."  # where relative data_files are resolved (the YAML's folder)
+    train: list[Example] = field(default_factory=list, repr=False)
+    test: list[Example] = field(default_factory=list, repr=False)
+
+
+_TASK_KEYS = {f.name for f in fields(Task)} - {"train", "test", "base_dir"}
+
+
+def _did_you_mean(key: str, options: set[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"task file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"task file {path} must hold a mapping of task keys")
+    return data
+
+
+def _resolve_includes(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Read a task YAML, merging the files it ``include``s (the including file wins)."""
+    if path in seen:
+        raise UserError(f"task file {path} includes itself through {[str(p) for p in seen]}")
+    data = _read_yaml(path)
+    base = data.pop("include", None)
+    if base is None:
+        merged = {}
+    else:
+        base_path = (path.parent / base).resolve()
+        if not base_path.exists():
+            raise UserError(f"task file {path}: include '{base}' not found at {base_path}")
+        merged = _resolve_includes(base_path, seen + (path,))
+    merged.update(data)
+    merged.setdefault("base_dir", str(path.parent))
+    return merged
+
+
+def find_task_file(name: str, task_dirs: list[str]) -> Path:
+    """Locate ``name`` (a task name or a path to a YAML file) in the task search path."""
+    candidate = Path(name)
+    if candidate.suffix in (".yaml", ".yml"):
+        if candidate.exists():
+            return candidate.resolve()
+        raise UserError(f"task file '{name}' not found")
+    dirs = [BUILTIN_TASK_DIR if d == "builtin" else Path(d) for d in task_dirs]
+    for directory in dirs:
+        path = directory / f"{name}.yaml"
+        if path.exists():
+            return path.resolve()
+    known = {p.stem for d in dirs if d.is_dir() for p in d.glob("*.yaml") if not p.stem.startswith("_")}
+    raise UserError(
+        f"unknown task '{name}'{_did_you_mean(name, known)}; searched {[str(d) for d in dirs]}. "
+        f"Add {name}.yaml to one of them or set task_sequence.task_dirs"
+    )
+
+
+def _renderer(template: str, task_name: str, key: str):
+    """Compile a Jinja template; a bare field name (no braces) selects that field."""
+    source = template if "{{" in template or "{%" in template else "{{ " + template + " }}"
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    try:
+        compiled = env.from_string(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise UserError(f"task '{task_name}': {key} is not a valid template: {exc.message}") from exc
+    return compiled.render
+
+
+def _choices_of(task: Task, doc: dict) -> tuple[str, ...] | None:
+    spec = task.doc_to_choice
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec not in doc:
+            raise KeyError(spec)
+        value = doc[spec]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"task '{task.name}': field '{spec}' named by doc_to_choice must hold a list")
+        return tuple(str(v) for v in value)
+    return tuple(str(v) for v in spec)
+
+
+def _render_split(task: Task, split: str, records: list[tuple[str, int, dict]]) -> list[Example]:
+    text_of = _renderer(task.doc_to_text, task.name, "doc_to_text")
+    target_of = _renderer(task.doc_to_target, task.name, "doc_to_target")
+    examples = []
+    for source, line, doc in records:
+        where = f"task '{task.name}', {source} line {line}"
+        try:
+            example = Example(text_of(**doc), target_of(**doc).strip(), _choices_of(task, doc))
+        except (jinja2.UndefinedError, KeyError) as exc:
+            raise UserError(f"{where}: the record has no field {exc} used by the task's templates") from exc
+        if not example.target:
+            raise UserError(f"{where}: empty target")
+        if example.choices is not None and example.target not in example.choices:
+            raise UserError(
+                f"{where}: target '{example.target}' is not among its choices {list(example.choices)}; "
+                "fix the record or the task's doc_to_choice"
+            )
+        examples.append(example)
+    return examples
+
+
+def load_task(spec: str | dict, task_dirs: list[str] | None = None, size_overrides: dict | None = None) -> Task:
+    """Build a validated :class:`Task` from a task name, a YAML path, or an inline mapping."""
+    task_dirs = list(task_dirs or ["builtin"])
+    raw = _resolve_includes(find_task_file(spec, task_dirs)) if isinstance(spec, str) else dict(spec)
+    if isinstance(spec, dict) and "include" in raw:
+        base = raw.pop("include")
+        raw = {**_resolve_includes(find_task_file(base, task_dirs)), **raw}
+    name = raw.get("name", "<unnamed>")
+    unknown = set(raw) - _TASK_KEYS - {"base_dir"}
+    if unknown:
+        key = sorted(unknown)[0]
+        raise UserError(f"task '{name}': unknown key '{key}'{_did_you_mean(key, _TASK_KEYS)}")
+    missing = {"name", "dataset_path", "doc_to_text", "doc_to_target"} - set(raw)
+    if missing:
+        raise UserError(f"task '{name}': missing required key(s) {sorted(missing)}")
+    raw.update({k: v for k, v in (size_overrides or {}).items() if v is not None})
+    task = Task(**raw)
+    if task.metric not in METRICS:
+        raise UserError(f"task '{task.name}': unknown metric '{task.metric}'{_did_you_mean(task.metric, set(METRICS))}; use one of {list(METRICS)}")
+    if task.metric == "acc" and task.doc_to_choice is None:
+        raise UserError(f"task '{task.name}': metric 'acc' ranks choices, so the task needs doc_to_choice")
+    splits = {"test": (task.test_split, task.eval_size)}
+    if task.training_split:
+        splits["train"] = (task.training_split, task.train_size)
+    for attr, (split, limit) in splits.items():
+        records = load_split(task, split, limit)
+        setattr(task, attr, _render_split(task, split, records))
+    return task
+
+
+def load_task_sequence(cfg: dict) -> tuple[list[Task], Task | None]:
+    """The ordered tasks of ``cfg["tasks"]`` plus the optional general-ability probe task."""
+    task_dirs = list(cfg.get("task_dirs") or ["builtin"])
+    sizes = {"train_size": cfg.get("train_size"), "eval_size": cfg.get("eval_size")}
+    specs = list(cfg.get("tasks") or [])
+    if not specs:
+        raise UserError("task_sequence.tasks is empty: list at least one task")
+    tasks = [load_task(spec, task_dirs, sizes) for spec in specs]
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise UserError(f"task_sequence has duplicate task names {names}: give each task a distinct name")
+    probe = None
+    if cfg.get("general_probe"):
+        probe = load_task(cfg["general_probe"], task_dirs, {"eval_size": cfg.get("probe_size")})
+    return tasks, probe

@@ -1,0 +1,146 @@
+"""The one training loop: it owns batching, the optimizer step, accumulation, precision and device.
+
+Methods never step the optimizer; they only contribute ``extra_loss`` terms and choose which
+parameters train. Batches are grouped by length (like ``group_by_length`` in HF Trainer) so
+little compute is spent on padding, and throughput is reported in non-padding tokens/s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from cl_runner.errors import UserError
+from cl_runner.formatting import IGNORE_INDEX, TokenizedExample
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.Random, window: int = 32) -> list[list[int]]:
+    """Shuffle, then sort inside windows of ``window`` batches so each batch holds similar lengths.
+
+    The batch order is shuffled again, so training still sees tasks' examples in random order.
+    """
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches = []
+    span = batch_size * window
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: -lengths[i])
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padded positions get attention 0 and label IGNORE_INDEX."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def autocast_context(precision: str, device: torch.device):
+    if precision not in PRECISIONS:
+        raise UserError(f"trainer.precision '{precision}' is not one of {list(PRECISIONS)}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Learning-rate multiplier: linear warm-up, then linear decay to zero."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return multiplier
+
+
+class TrainingLoop:
+    """Trains one task. Configured by the ``trainer`` config group (see conf/config.yaml)."""
+
+    def __init__(self, cfg, device: torch.device, pad_token_id: int, on_step: Callable[[dict], None] | None = None):
+        self.cfg = cfg
+        self.device = device
+        self.pad_token_id = pad_token_id
+        self.on_step = on_step or (lambda record: None)
+
+    def _batches(self, examples: Sequence[TokenizedExample], rng: random.Random) -> list[list[TokenizedExample]]:
+        lengths = [len(e.input_ids) for e in examples]
+        batches = []
+        for _ in range(self.cfg.epochs):
+            if self.cfg.group_by_length:
+                index_batches = length_grouped_batches(lengths, self.cfg.batch_size, rng)
+            else:
+                order = list(range(len(examples)))
+                rng.shuffle(order)
+                index_batches = [order[i : i + self.cfg.batch_size] for i in range(0, len(order), self.cfg.batch_size)]
+            batches.extend([examples[i] for i in idx] for idx in index_batches)
+        return batches
+
+    def train(self, model, parameters, examples, method, replay, seed: int, task_name: str = "") -> dict:
+        """Run the configured epochs (or ``max_steps`` optimizer steps) over ``examples``."""
+        cfg = self.cfg
+        rng = random.Random(seed)
+        torch.manual_seed(seed)  # dropout masks: a resumed task repeats an uninterrupted one exactly
+        micro_batches = self._batches(examples, rng)
+        accum = max(1, cfg.grad_accum_steps)
+        total_steps = math.ceil(len(micro_batches) / accum)
+        if cfg.max_steps and cfg.max_steps > 0:
+            total_steps = min(total_steps, cfg.max_steps)
+            micro_batches = micro_batches[: total_steps * accum]
+        parameters = [p for p in parameters if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(int(cfg.warmup_ratio * total_steps), total_steps))
+        use_scaler = cfg.precision == "fp16" and self.device.type == "cuda"
+        scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        model.train()
+        tokens, started, step = 0, time.perf_counter(), 0
+        progress = tqdm(total=total_steps, desc=f"train {task_name}", leave=False, disable=not cfg.progress_bar, dynamic_ncols=True)
+        for index, micro in enumerate(micro_batches):
+            micro = list(micro) + replay.sample(len(micro), rng)
+            batch = {k: v.to(self.device) for k, v in collate(micro, self.pad_token_id).items()}
+            with autocast_context(cfg.precision, self.device):
+                outputs = model(**batch)
+                loss = outputs.loss
+                extra = method.extra_loss(model, batch, outputs)
+                if extra is not None:
+                    loss = loss + extra
+            scaler.scale(loss / accum).backward()
+            tokens += int(batch["attention_mask"].sum())
+            if (index + 1) % accum and index + 1 != len(micro_batches):
+                continue
+            scaler.unscale_(optimizer)
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            lr = schedule.get_last_lr()[0]
+            schedule.step()
+            step += 1
+            elapsed = time.perf_counter() - started
+            record = {"step": step, "loss": float(loss.detach()), "lr": lr, "tokens": tokens, "tokens_per_s": tokens / elapsed}
+            progress.update(1)
+            progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if step % cfg.log_every == 0 or step == total_steps:
+                self.on_step(record)
+        progress.close()
+        elapsed = time.perf_counter() - started
+        return {"steps": step, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9), "final_loss": record["loss"] if step else None}

@@ -1,0 +1,97 @@
+"""Regenerate the built-in task data in cl_runner/tasks/builtin/data/ (deterministic, seeded).
+
+    python scripts/make_builtin_data.py [--out DIR]
+
+The word-position tasks show the same kind of input (a list of five words) under different
+instructions ("reply with the second word", "... the last word"), so training one overwrites
+the others: sequential LoRA forgets. The base SmolLM2-135M-Instruct is near chance on them.
+``general_instructions`` (replay data) and ``general_probe`` (held-out probe) are short
+instructions whose answers code can check; they share no item.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+# Nouns that SmolLM2's tokenizer encodes as one token each, so choice scoring is one forward pass.
+WORDS = (
+    "cat dog fox owl pig hen bee ant bat rat lion bear wolf horse mouse snake fish bird apple corn "
+    "rice bean milk bread red blue green gold tree rock sand lake moon star rain snow"
+).split()
+POSITIONS = {"second_word": 1, "third_word": 2, "fourth_word": 3, "last_word": 4}
+LIST_LENGTH = 5
+SPLIT_SIZES = {"train": 400, "test": 60}
+
+CAPITALS = [
+    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
+    ("Russia", "Moscow"), ("Egypt", "Cairo"), ("Greece", "Athens"), ("Portugal", "Lisbon"), ("Austria", "Vienna"),
+    ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Finland", "Helsinki"), ("Poland", "Warsaw"), ("Ireland", "Dublin"),
+    ("China", "Beijing"), ("Canada", "Ottawa"), ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Cuba", "Havana"),
+    ("Denmark", "Copenhagen"), ("Belgium", "Brussels"), ("Hungary", "Budapest"), ("Thailand", "Bangkok"),
+]
+OPPOSITES = [
+    ("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("happy", "sad"), ("light", "dark"),
+    ("open", "closed"), ("old", "new"), ("early", "late"), ("full", "empty"), ("high", "low"), ("wet", "dry"),
+    ("left", "right"), ("hard", "soft"), ("strong", "weak"), ("rich", "poor"), ("long", "short"), ("loud", "quiet"),
+    ("day", "night"), ("yes", "no"), ("win", "lose"), ("push", "pull"), ("buy", "sell"), ("inside", "outside"),
+]
+SPELL_WORDS = "table chair window garden pencil orange silver rabbit castle bottle winter summer planet forest".split()
+
+
+def word_position_records(task: str, size: int, rng: random.Random) -> list[dict]:
+    position = POSITIONS[task]
+    records = []
+    for _ in range(size):
+        words = rng.sample(WORDS, LIST_LENGTH)
+        records.append({"words": words, "answer": words[position]})
+    return records
+
+
+def instruction_items(rng: random.Random) -> list[dict]:
+    """Every general instruction item, shuffled once; the probe and the replay set split it."""
+    items = [{"instruction": f"What is the capital of {c}? Answer with the city name only.", "response": city} for c, city in CAPITALS]
+    items += [{"instruction": f"What is the opposite of the word '{a}'? Answer with one word.", "response": b} for a, b in OPPOSITES]
+    items += [{"instruction": f"Write the word '{w}' in capital letters.", "response": w.upper()} for w in SPELL_WORDS]
+    sums = {(a, b) for a in range(2, 20) for b in range(2, 20)}
+    for a, b in sorted(rng.sample(sorted(sums), 40)):
+        items.append({"instruction": f"What is {a} plus {b}? Answer with the number only.", "response": str(a + b)})
+    rng.shuffle(items)
+    return items
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records), encoding="utf-8")
+
+
+def generate(out: Path, seed: int = 1234) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for task in POSITIONS:
+        for split, size in SPLIT_SIZES.items():
+            rng = random.Random(f"{seed}-{task}-{split}")
+            path = out / f"{task}.{split}.jsonl"
+            write_jsonl(path, word_position_records(task, size, rng))
+            written.append(path)
+    items = instruction_items(random.Random(f"{seed}-instructions"))
+    probe_size = 40
+    for name, records in (("general_probe.test", items[:probe_size]), ("general_instructions.train", items[probe_size:])):
+        path = out / f"{name}.jsonl"
+        write_jsonl(path, records)
+        written.append(path)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "cl_runner" / "tasks" / "builtin" / "data")
+    parser.add_argument("--seed", type=int, default=1234)
+    args = parser.parse_args()
+    for path in generate(args.out, args.seed):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

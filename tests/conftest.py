@@ -1,0 +1,34 @@
+"""Shared helpers: compose configs like the CLI does, and run the CLI as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from cl_runner.cli import CONFIG_DIR  # noqa: F401 - also registers the or_default resolver
+
+REPO = Path(__file__).resolve().parents[1]
+QUIET = ["trainer.progress_bar=false", "eval.progress_bar=false"]
+SMOKE = ["experiment=smoke", *QUIET]
+
+
+def compose_config(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 300, **popen) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "cl_runner", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, **popen)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_and_tokenizer():
+    from cl_runner.models import load_model
+
+    return load_model(compose_config(["model=tiny"]).model)
