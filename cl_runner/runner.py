@@ -20,7 +20,9 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
+from cl_runner.errors import UserError
 from cl_runner.evaluation import evaluate_task, evaluate_tasks
 from cl_runner.formatting import PromptFormatter
 from cl_runner.models import load_model, resolve_device
@@ -57,6 +59,17 @@ def build(node: DictConfig):
     return instantiate({k: v for k, v in node.items() if k != "name"})
 
 
+def resolved_config(cfg: DictConfig) -> dict:
+    """The config as plain data; a required value left unset (``???``) is a user error."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except (MissingMandatoryValue, InterpolationToMissingValueError) as exc:
+        # The message names the unset key; a direct miss carries its full dotted path in full_key.
+        key = str(exc).splitlines()[0].rsplit(": ", 1)[-1]
+        key = key if "." in key else (getattr(exc, "full_key", None) or key)
+        raise UserError(f"config value '{key}' is required but not set: pass {key}=... on the command line") from exc
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -73,7 +86,7 @@ class Experiment:
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg = cfg
         self.run_dir = run_dir
-        self.config = OmegaConf.to_container(cfg, resolve=True)
+        self.config = resolved_config(cfg)
         # Data first: a bad task file fails here, before anything is written to the run directory.
         self.tasks, self.probe = load_task_sequence(self.config["task_sequence"])
         self.task_names = [t.name for t in self.tasks]

@@ -1,0 +1,109 @@
+"""Training throughput: cl-runner's loop against a plain Hugging Face Trainer + PEFT reference.
+
+    python scripts/benchmark_throughput.py [--model smollm2_135m] [--examples 192] [--batch-size 8]
+
+Both sides train the same LoRA (conf/method/seq_lora.yaml) on the same model, the same
+examples (the built-in tasks mixed with the general-instruction data, so lengths vary) and
+the same batch size, for one epoch each, alternating A B A B. Reported: non-padding tokens
+per second, and the ratio ours / reference. The reference pads each batch to its longest
+example (DataCollatorForSeq2Seq), as the Trainer does by default; we also run it with
+group_by_length=True. A benchmark, not a test: machines are noisy, read the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import random
+import time
+import warnings
+
+import torch
+
+from cl_runner.cli import CONFIG_DIR
+from cl_runner.formatting import PromptFormatter
+from cl_runner.methods.base import ContinualMethod
+from cl_runner.models import load_model
+from cl_runner.replay import NoReplay
+from cl_runner.runner import build
+from cl_runner.tasks import load_task
+from cl_runner.training import TrainingLoop
+
+TASKS = ["second_word", "last_word", "general_instructions"]
+
+
+def compose(overrides):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def make_examples(formatter, count, seed=0):
+    examples = [formatter.encode_example(e) for name in TASKS for e in load_task(name).train]
+    random.Random(seed).shuffle(examples)
+    return examples[:count]
+
+
+def ours(cfg, base_model, examples, pad_id):
+    method = build(cfg.method)
+    model = method.setup(copy.deepcopy(base_model))
+    loop = TrainingLoop(cfg.trainer, torch.device("cpu"), pad_id)
+    stats = loop.train(model, method.trainable_parameters(model), examples, ContinualMethod(), NoReplay(), seed=0)
+    return stats["tokens"] / stats["seconds"]
+
+
+def reference(cfg, base_model, tokenizer, examples, group_by_length):
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from cl_runner.peft_utils import lora_config
+
+    model = get_peft_model(copy.deepcopy(base_model), lora_config(cfg.method.lora))
+    data = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)} for e in examples])
+    args = TrainingArguments(
+        output_dir="/tmp/cl_runner_bench_hf", per_device_train_batch_size=cfg.trainer.batch_size, num_train_epochs=1,
+        learning_rate=cfg.trainer.lr, warmup_ratio=cfg.trainer.warmup_ratio, max_grad_norm=cfg.trainer.max_grad_norm,
+        lr_scheduler_type="linear", report_to=[], save_strategy="no", logging_steps=10_000, use_cpu=True,
+        group_by_length=group_by_length, dataloader_num_workers=0, disable_tqdm=True, seed=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    started = time.perf_counter()
+    trainer.train()
+    elapsed = time.perf_counter() - started
+    return sum(len(e.input_ids) for e in examples) / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2_135m")
+    parser.add_argument("--examples", type=int, default=192)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+    cfg = compose([f"model={args.model}", f"trainer.batch_size={args.batch_size}", "trainer.progress_bar=false"])
+    model, tokenizer = load_model(cfg.model)
+    examples = make_examples(PromptFormatter(tokenizer, max_length=cfg.trainer.max_length), args.examples)
+    lengths = [len(e.input_ids) for e in examples]
+    print(f"model={args.model} examples={len(examples)} batch={args.batch_size} lengths {min(lengths)}-{max(lengths)} tokens, threads={torch.get_num_threads()}")
+    results = {"cl-runner": [], "HF Trainer (default)": [], "HF Trainer (group_by_length)": []}
+    for repeat in range(args.repeats):
+        results["cl-runner"].append(ours(cfg, model, examples, tokenizer.pad_token_id))
+        results["HF Trainer (default)"].append(reference(cfg, model, tokenizer, examples, group_by_length=False))
+        results["HF Trainer (group_by_length)"].append(reference(cfg, model, tokenizer, examples, group_by_length=True))
+        print(f"repeat {repeat + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in results.items()), flush=True)
+    best = {k: max(v) for k, v in results.items()}
+    for name, value in best.items():
+        print(f"{name:30s} {value:8.1f} non-padding tokens/s (best of {args.repeats})")
+    for name in ("HF Trainer (default)", "HF Trainer (group_by_length)"):
+        print(f"ratio cl-runner / {name}: {best['cl-runner'] / best[name]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Bad input through the real CLI: one clear line, non-zero exit, no traceback, nothing to resume from."""
+
+import json
+import shutil
+
+import pytest
+
+from conftest import QUIET, REPO, run_cli
+
+GOOD_SENTIMENT = [{"text": "great film", "label": "positive"}, {"text": "dull", "label": "negative"}]
+
+
+def make_custom_data(root):
+    data = root / "data"
+    data.mkdir()
+    for split in ("train", "test"):
+        (data / f"sentiment.{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GOOD_SENTIMENT))
+        (data / f"summaries.{split}.csv").write_text("article,summary\nThe cat sat on the mat all day.,A cat sat.\n")
+    return data
+
+
+def break_missing_file(data):
+    (data / "sentiment.test.jsonl").unlink()
+
+
+def break_malformed_line(data):
+    (data / "sentiment.train.jsonl").write_text(json.dumps(GOOD_SENTIMENT[0]) + "\n" + '{"text": "oops", "label": \n')
+
+
+def break_empty_task(data):
+    (data / "sentiment.test.jsonl").write_text("")
+
+
+def break_target_not_in_choices(data):
+    (data / "sentiment.test.jsonl").write_text(json.dumps({"text": "meh", "label": "neutral"}) + "\n")
+
+
+CASES = {
+    "missing data file": (break_missing_file, r"data file 'data/sentiment.test.jsonl' for split 'test' not found"),
+    "malformed jsonl": (break_malformed_line, r"sentiment.train.jsonl line 2 is not valid JSON"),
+    "no examples": (break_empty_task, r"split 'test' has no examples"),
+    "target not in choices": (break_target_not_in_choices, r"line 1: target 'neutral' is not among its choices \['positive', 'negative'\]"),
+}
+
+
+def assert_one_clear_line(result, pattern):
+    import re
+
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("cl-runner: error: ")
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_task_data(case, tmp_path):
+    breaker, pattern = CASES[case]
+    breaker(make_custom_data(tmp_path))
+    result = run_cli(["task_sequence=custom_files", "model=tiny", "logger=none", *QUIET], cwd=tmp_path)
+    assert_one_clear_line(result, pattern)
+    assert result.returncode == 2
+    assert not list(tmp_path.rglob("state.json")) and not list(tmp_path.rglob("results.json"))
+
+
+def test_unknown_config_option(tmp_path):
+    result = run_cli(["method=no_such_method"], cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "Could not find 'method/no_such_method'" in result.stderr
+    assert "seq_lora" in result.stderr  # Hydra lists the available options
+
+
+def test_misspelled_key(tmp_path):
+    result = run_cli(["trainer.lrr=0.1"], cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "Key 'lrr' is not in struct" in result.stderr
+
+
+def test_required_value_missing(tmp_path):
+    result = run_cli(["model=hf", "logger=none", *QUIET], cwd=tmp_path, timeout=120)
+    assert_one_clear_line(result, r"'model.name_or_path' is required but not set")
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path):
+    make_custom_data(tmp_path)
+    run_dir = tmp_path / "run"
+    first = run_cli(["experiment=smoke", f"hydra.run.dir={run_dir}", "task_sequence.eval_size=2", *QUIET], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = run_cli(["experiment=smoke", f"hydra.run.dir={run_dir}", "trainer.lr=0.5", *QUIET], cwd=tmp_path)
+    assert_one_clear_line(second, r"holds a run with other settings \(task_sequence.eval_size: 2 -> 8, trainer.lr: 0.002 -> 0.5\)")

@@ -1,0 +1,119 @@
+"""Task YAML loading, the built-in data, and each kind of bad task input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cl_runner.errors import UserError
+from cl_runner.tasks import load_task, load_task_sequence
+from conftest import REPO
+
+BUILTIN_DATA = REPO / "cl_runner" / "tasks" / "builtin" / "data"
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def inline_task(tmp_path, **overrides):
+    write_jsonl(tmp_path / "train.jsonl", [{"q": "2+2", "a": "4"}, {"q": "3+3", "a": "6"}])
+    write_jsonl(tmp_path / "test.jsonl", [{"q": "1+1", "a": "2"}])
+    spec = {
+        "name": "sums",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl")}},
+        "doc_to_text": "What is {{ q }}?",
+        "doc_to_target": "a",
+        "metric": "exact_match",
+    }
+    spec.update(overrides)
+    return spec
+
+
+def test_builtin_sequence_loads_with_include_and_templates():
+    tasks, probe = load_task_sequence({"tasks": ["second_word", "last_word"], "task_dirs": ["builtin"], "general_probe": "general_probe", "train_size": 5, "eval_size": 3})
+    second = tasks[0]
+    assert second.metric == "acc" and len(second.train) == 5 and len(second.test) == 3
+    first_record = json.loads((BUILTIN_DATA / "second_word.test.jsonl").read_text().splitlines()[0])
+    example = second.test[0]
+    assert example.prompt == "Reply with the second word of the list.\nWords:\n" + "\n".join(first_record["words"])
+    assert example.target == first_record["words"][1] and example.choices == tuple(first_record["words"])
+    assert tasks[1].test[0].target == json.loads((BUILTIN_DATA / "last_word.test.jsonl").read_text().splitlines()[0])["words"][4]
+    assert probe.name == "general_probe" and probe.metric == "contains" and not probe.train
+
+
+def test_builtin_data_is_what_the_generator_writes(tmp_path):
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_builtin_data.py"), "--out", str(tmp_path)], check=True, capture_output=True)
+    shipped = sorted(p.name for p in BUILTIN_DATA.glob("*.jsonl"))
+    assert shipped == sorted(p.name for p in tmp_path.glob("*.jsonl"))
+    for name in shipped:
+        assert (tmp_path / name).read_text() == (BUILTIN_DATA / name).read_text(), name
+
+
+def test_probe_and_replay_data_do_not_overlap():
+    probe = {json.loads(l)["instruction"] for l in (BUILTIN_DATA / "general_probe.test.jsonl").read_text().splitlines()}
+    replay = {json.loads(l)["instruction"] for l in (BUILTIN_DATA / "general_instructions.train.jsonl").read_text().splitlines()}
+    assert probe and replay and not probe & replay
+
+
+def test_inline_task_from_user_files(tmp_path):
+    task = load_task(inline_task(tmp_path))
+    assert [e.prompt for e in task.train] == ["What is 2+2?", "What is 3+3?"]
+    assert task.test[0].target == "2" and task.test[0].choices is None
+
+
+def test_csv_source(tmp_path):
+    (tmp_path / "d.csv").write_text("q,a\n2+2,4\n")
+    task = load_task(inline_task(tmp_path, dataset_path="csv", dataset_kwargs={"data_files": str(tmp_path / "d.csv")}))
+    assert task.train[0].target == "4"
+
+
+def test_missing_data_file_names_the_path(tmp_path):
+    spec = inline_task(tmp_path, dataset_kwargs={"data_files": {"train": "nope.jsonl", "test": "nope.jsonl"}})
+    with pytest.raises(UserError, match=r"task 'sums': data file 'nope.jsonl' for split '.*' not found"):
+        load_task(spec)
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    spec = inline_task(tmp_path)
+    (tmp_path / "train.jsonl").write_text('{"q": "1", "a": "1"}\n{"q": "2", "a": \n')
+    with pytest.raises(UserError, match=r"train.jsonl line 2 is not valid JSON"):
+        load_task(spec)
+
+
+def test_task_with_no_examples(tmp_path):
+    spec = inline_task(tmp_path)
+    (tmp_path / "test.jsonl").write_text("\n")
+    with pytest.raises(UserError, match=r"split 'test' has no examples"):
+        load_task(spec)
+
+
+def test_target_not_among_choices_names_the_line(tmp_path):
+    spec = inline_task(tmp_path, doc_to_choice=["4", "6"], metric="acc")
+    with pytest.raises(UserError, match=r"test.jsonl line 1: target '2' is not among its choices \['4', '6'\]"):
+        load_task(spec)
+
+
+def test_misspelled_task_key_suggests_the_right_one(tmp_path):
+    spec = inline_task(tmp_path)
+    spec["doc_to_txt"] = spec.pop("doc_to_text")
+    with pytest.raises(UserError, match=r"unknown key 'doc_to_txt' \(did you mean 'doc_to_text'\?\)"):
+        load_task(spec)
+
+
+def test_template_field_missing_from_record(tmp_path):
+    with pytest.raises(UserError, match=r"has no field 'question'"):
+        load_task(inline_task(tmp_path, doc_to_text="{{ question }}"))
+
+
+def test_unknown_task_name_suggests_builtin():
+    with pytest.raises(UserError, match=r"unknown task 'last_wrd' \(did you mean 'last_word'\?\)"):
+        load_task("last_wrd")
+
+
+def test_acc_metric_requires_choices(tmp_path):
+    with pytest.raises(UserError, match="needs doc_to_choice"):
+        load_task(inline_task(tmp_path, metric="acc"))
