@@ -95,6 +95,9 @@ class Experiment:
         self.timing: dict = {}
         self._encoded: dict[str, list] = {}
 
+    def task_seed(self, task_index: int) -> int:
+        return self.cfg.seed * 1000 + task_index
+
     def _encode(self, task: Task) -> list:
         if task.name not in self._encoded:
             self._encoded[task.name] = [self.formatter.encode_example(e) for e in task.train]
@@ -138,13 +141,16 @@ class Experiment:
 
     def _learn_task(self, t: int) -> dict:
         task = self.tasks[t]
+        # Seed per task, not per process: a resumed run must draw what an uninterrupted one
+        # draws (a new adapter's initialisation in before_task, dropout, data order).
+        seed_everything(self.task_seed(t))
         self.method.before_task(self.model, t, task)
         examples = self._encode(task)
 
         def train() -> dict:
             self.loop.on_step = lambda record: self.events.step(task.name, record)
             params = self.method.trainable_parameters(self.model)
-            return self.loop.train(self.model, params, examples, self.method, self.replay, seed=self.cfg.seed * 1000 + t, task_name=task.name)
+            return self.loop.train(self.model, params, examples, self.method, self.replay, seed=self.task_seed(t), task_name=task.name)
 
         stats = self.method.learn(self.model, t, task, train)
         self.method.after_task(self.model, t, task)

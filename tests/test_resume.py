@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import SMOKE
 
 # Long enough per task (tens of optimizer steps) to be killed in the middle of one.
@@ -52,4 +54,34 @@ def test_kill_mid_task_then_resume_matches_uninterrupted(tmp_path):
     assert got["metrics"] == want["metrics"]
     assert got["general"] == want["general"]
     assert got["timing"]["train_s"][:2] == trained_before_kill  # tasks 1-2 were not trained again
+    assert [s["final_loss"] for s in got["train"]] == [s["final_loss"] for s in want["train"]]
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["seq_lora", "per_task_lora", "seq_ft"])
+def test_every_method_resumes_to_identical_results(method, tmp_path, monkeypatch):
+    """In-process: interrupt at the start of task 3, rerun, compare with an uninterrupted run."""
+    from cl_runner.runner import Experiment, run
+    from conftest import compose_config
+
+    overrides = [*SMOKE, f"method={method}", "task_sequence.tasks=[second_word,third_word,last_word]"]
+    want = run(compose_config(overrides), tmp_path / "clean")
+
+    original = Experiment._learn_task
+
+    def fail_on_third(self, t):
+        if t == 2:
+            raise Interrupted
+        return original(self, t)
+
+    monkeypatch.setattr(Experiment, "_learn_task", fail_on_third)
+    with pytest.raises(Interrupted):
+        run(compose_config(overrides), tmp_path / "resumed")
+    monkeypatch.setattr(Experiment, "_learn_task", original)
+    got = run(compose_config(overrides), tmp_path / "resumed")
+    assert got["acc_matrix"] == want["acc_matrix"]
+    assert got["metrics"] == want["metrics"]
     assert [s["final_loss"] for s in got["train"]] == [s["final_loss"] for s in want["train"]]
