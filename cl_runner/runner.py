@@ -80,6 +80,10 @@ def _format_row(scores: list[float]) -> str:
     return "[" + " ".join(f"{s:.2f}" for s in scores) + "]"
 
 
+def _format_score(score: float | None) -> str:
+    return "-" if score is None else f"{score:.2f}"
+
+
 class Experiment:
     """One run: built from the config, then driven by :meth:`run`."""
 
@@ -161,12 +165,15 @@ class Experiment:
         total_started = time.perf_counter()
         self._setup()
         self.logger.start(self.run_dir, self.run_dir.name, self.config)
+        # Marks each invocation in train_log.jsonl: after a resume, the steps of a task that was
+        # interrupted appear twice, and this line tells the attempts apart.
+        self.events.write({"event": "start", "tasks_completed": self.state.tasks_completed})
         try:
             if not self.state.acc_matrix:
                 scores, general, seconds = self._evaluate_row(0)
                 self.state.record_row(scores, general, seconds)
                 self.state.save()
-                log.info("base model: %s general %s", _format_row(scores), f"{general:.2f}" if general is not None else "-")
+                log.info("base model: %s general %s", _format_row(scores), _format_score(general))
             for t in range(self.state.tasks_completed, len(self.tasks)):
                 stats = self._learn_task(t)
                 scores, general, seconds = self._evaluate_row(t + 1)
@@ -178,7 +185,7 @@ class Experiment:
                 log.info(
                     "task %d/%d %s: %d steps, %.1f s, %.0f tok/s, loss %.3f | R[%d] %s | general %s",
                     t + 1, len(self.tasks), self.task_names[t], stats["steps"], stats["seconds"], stats["tokens_per_s"],
-                    stats["final_loss"] or float("nan"), t + 1, _format_row(scores), f"{general:.2f}" if general is not None else "-",
+                    stats["final_loss"] or float("nan"), t + 1, _format_row(scores), _format_score(general),
                 )
             return self._finish(time.perf_counter() - total_started)
         finally:

@@ -41,6 +41,7 @@ def test_run_directory_holds_every_artifact(smoke_run):
     for name in checkpoints:
         assert (run_dir / "checkpoints" / name / "adapter.safetensors").stat().st_size > 0
     events = [json.loads(l) for l in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert events[0] == {"event": "start", "tasks_completed": 0}
     assert sum(e["event"] == "eval" for e in events) == 5
     steps = [e for e in events if e["event"] == "train_step"]
     assert len(steps) == 16 and {"loss", "lr", "tokens_per_s"} <= set(steps[0])
