@@ -29,7 +29,7 @@ from cl_runner.models import load_model, resolve_device
 from cl_runner.results import build_results, plot_heatmap, write_json_atomic
 from cl_runner.run_state import RunState, result_settings
 from cl_runner.tasks import Task, load_task_sequence
-from cl_runner.training import TrainingLoop
+from cl_runner.training import TrainingLoop, check_trainer_config
 
 log = logging.getLogger("cl_runner")
 
@@ -91,6 +91,7 @@ class Experiment:
         self.cfg = cfg
         self.run_dir = run_dir
         self.config = resolved_config(cfg)
+        check_trainer_config(cfg.trainer)
         # Data first: a bad task file fails here, before anything is written to the run directory.
         self.tasks, self.probe = load_task_sequence(self.config["task_sequence"])
         self.task_names = [t.name for t in self.tasks]

@@ -52,9 +52,20 @@ def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def check_trainer_config(cfg) -> None:
+    """Reject impossible trainer settings before anything runs (and before a run directory is written)."""
+    if cfg.precision not in PRECISIONS:
+        raise UserError(f"trainer.precision '{cfg.precision}' is not one of {list(PRECISIONS)}")
+    for key in ("batch_size", "grad_accum_steps", "epochs", "log_every"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise UserError(f"trainer.{key} must be a positive integer, got {cfg[key]!r}")
+    if not cfg.lr > 0:
+        raise UserError(f"trainer.lr must be positive, got {cfg.lr!r}")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise UserError(f"trainer.warmup_ratio must be in [0, 1), got {cfg.warmup_ratio!r}")
+
+
 def autocast_context(precision: str, device: torch.device):
-    if precision not in PRECISIONS:
-        raise UserError(f"trainer.precision '{precision}' is not one of {list(PRECISIONS)}")
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16

@@ -1,7 +1,6 @@
 """Bad input through the real CLI: one clear line, non-zero exit, no traceback, nothing to resume from."""
 
 import json
-import shutil
 
 import pytest
 
@@ -91,3 +90,20 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     second = run_cli(["experiment=smoke", f"hydra.run.dir={run_dir}", "trainer.lr=0.5", *QUIET], cwd=tmp_path)
     assert_one_clear_line(second, r"holds a run with other settings \(task_sequence.eval_size: 2 -> 8, trainer.lr: 0.002 -> 0.5\)")
+
+
+def test_custom_files_sequence_runs_on_user_data(tmp_path):
+    """The same template, with good files: a user's own JSONL and CSV tasks run without Python."""
+    make_custom_data(tmp_path)
+    result = run_cli(["task_sequence=custom_files", "model=tiny", "logger=none", "trainer.max_steps=2", "task_sequence.probe_size=4", *QUIET], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(next(tmp_path.rglob("results.json")).read_text())
+    assert results["tasks"] == ["my_sentiment", "my_summaries"]
+    assert len(results["acc_matrix"]) == 3 and len(results["general"]) == 3
+
+
+@pytest.mark.parametrize("override,pattern", [("trainer.precision=fp8", r"trainer.precision 'fp8' is not one of"), ("trainer.batch_size=0", r"trainer.batch_size must be a positive integer")])
+def test_bad_trainer_setting_fails_before_anything_is_written(override, pattern, tmp_path):
+    result = run_cli(["experiment=smoke", override, *QUIET], cwd=tmp_path, timeout=120)
+    assert_one_clear_line(result, pattern)
+    assert not list(tmp_path.rglob("state.json"))
