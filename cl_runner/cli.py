@@ -10,20 +10,12 @@ import logging
 import os
 import sys
 import warnings
-from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from cl_runner.config import CONFIG_DIR  # also registers the or_default resolver
 from cl_runner.errors import UserError
-
-# An absolute path: console scripts give Hydra no calling file to resolve a relative one from.
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
-# Run directories are named after the command-line overrides; a plain `cl-runner` gets "default".
-if not OmegaConf.has_resolver("or_default"):
-    OmegaConf.register_new_resolver("or_default", lambda value, default: value if value else default)
-
 
 def _quiet_libraries() -> None:
     # Library chatter (deprecation notices, HTTP retries) buries the per-task summary lines.

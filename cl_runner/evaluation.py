@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from cl_runner.formatting import PromptFormatter
 from cl_runner.tasks import Example, Task
+from cl_runner.training import pad_right
 
 
 def normalize_answer(text: str) -> str:
@@ -58,12 +59,7 @@ GENERATION_METRICS = {"exact_match": exact_match, "contains": contains, "rouge_l
 
 
 def _right_padded(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
+    ids, mask = pad_right(sequences, pad_id)
     return ids.to(device), mask.to(device)
 
 

@@ -12,14 +12,13 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from cl_runner.errors import UserError
+from cl_runner.results import write_dir_atomic
 
 log = logging.getLogger(__name__)
 
@@ -42,21 +41,8 @@ def _package_dir(package: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _atomic_save_dir(target: Path, write) -> None:
-    """Write a directory under a temporary name and rename it into place (safe for parallel jobs)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
-    try:
-        write(tmp)
-        os.rename(tmp, target)
-    except OSError:
-        if not target.exists():  # a concurrent job may have won the race: that is fine
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _gguf_cache(package: str, gguf_file: str, cache_dir: str | None) -> Path:
+    _package_dir(package)  # a missing package is a clear error, not a metadata traceback
     version = importlib.metadata.version(package.replace("_", "-"))
     return Path(cache_dir or default_cache_dir()) / f"{package}-{version}" / Path(gguf_file).stem
 
@@ -68,7 +54,7 @@ def load_gguf_tokenizer(package: str, gguf_file: str, cache_dir: str | None = No
         source = _package_dir(package)
         log.info("Extracting the tokenizer from %s (once)", gguf_file)
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
-        _atomic_save_dir(cached, tokenizer.save_pretrained)
+        write_dir_atomic(cached, tokenizer.save_pretrained, replace=False)
     tokenizer = AutoTokenizer.from_pretrained(cached)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -93,7 +79,7 @@ def load_gguf_from_package(package: str, gguf_file: str, cache_dir: str | None =
             raise UserError(f"'{gguf_file}' not found in package '{package}' at {source}")
         log.info("Preparing %s: dequantizing GGUF to a cached safetensors model (once, ~20 s)", gguf_file)
         model = _plain_llama_from_gguf(source, gguf_file)
-        _atomic_save_dir(cached, model.save_pretrained)
+        write_dir_atomic(cached, model.save_pretrained, replace=False)
     model = LlamaForCausalLM.from_pretrained(cached, dtype=torch.float32)
     return model, load_gguf_tokenizer(package, gguf_file, cache_dir)
 
@@ -129,15 +115,15 @@ def build_tiny_llama(
     return model, tokenizer
 
 
-def load_hf(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None, attn_implementation: str | None = None):
-    """Any causal LM from the Hugging Face hub or a local directory."""
-    kwargs = {"trust_remote_code": trust_remote_code, "revision": revision}
+def load_hf(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False, revision: str | None = None, attn_implementation: str | None = None):
+    """Any causal LM from the Hugging Face hub or a local directory, loaded directly in ``dtype``."""
+    kwargs = {"trust_remote_code": trust_remote_code, "revision": revision, "dtype": DTYPES.get(dtype, torch.float32)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32, **kwargs)
-    except OSError as exc:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as exc:  # not found, no access, offline, unsupported architecture
         raise UserError(f"could not load model '{name_or_path}': {str(exc).splitlines()[0]}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -147,7 +133,13 @@ def load_hf(name_or_path: str, trust_remote_code: bool = False, revision: str | 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UserError(f"trainer.device '{name}' is not a device name (use auto, cpu, cuda or cuda:N)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"trainer.device '{name}' asks for a GPU but torch sees none; use trainer.device=cpu or auto")
+    return device
 
 
 def load_model(cfg) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:

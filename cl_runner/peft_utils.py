@@ -8,6 +8,8 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from cl_runner.errors import UserError
+
 
 def lora_config(settings) -> LoraConfig:
     """A causal-LM LoraConfig from the method YAML's ``lora:`` block."""
@@ -27,7 +29,7 @@ def load_adapter(model, path: Path, adapter_name: str = "default") -> None:
     result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
-        raise RuntimeError(f"adapter file {path} does not match the model: unexpected keys {unexpected[:3]}")
+        raise UserError(f"adapter file {path} does not match the model (unexpected keys {unexpected[:3]}); delete the run directory to start over")
 
 
 def trainable_parameter_count(model: torch.nn.Module) -> int:

@@ -6,8 +6,10 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from cl_runner.metrics import all_metrics
@@ -15,19 +17,48 @@ from cl_runner.metrics import all_metrics
 VERSIONED_PACKAGES = ("cl-runner", "torch", "transformers", "peft", "hydra-core", "omegaconf", "datasets", "wandb", "safetensors")
 
 
-def write_json_atomic(path: Path, data) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+def write_file_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a temporary file in the same folder, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data) -> None:
+    def write(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    write_file_atomic(path, write)
+
+
+def write_dir_atomic(target: Path, write: Callable[[Path], None], replace: bool) -> None:
+    """Fill a temporary sibling folder with ``write(tmp)``, then rename it to ``target``.
+
+    ``replace=False`` keeps an existing ``target`` (a concurrent job that finished first won
+    the race: its copy is as good); ``replace=True`` swaps it out.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent))
+    try:
+        write(tmp)
+        if replace:
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if replace or not target.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def package_versions() -> dict:
@@ -84,8 +115,6 @@ def plot_heatmap(task_names, acc_matrix, path: Path, title: str = "") -> Path:
     ax.set_title(title or "accuracy matrix R[t][i]")
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    write_file_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -13,13 +13,12 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cl_runner.config import is_resume_safe
 from cl_runner.errors import UserError
-from cl_runner.results import write_json_atomic
+from cl_runner.results import write_dir_atomic, write_json_atomic
 
 STATE_FILE = "state.json"
 CHECKPOINT_DIR = "checkpoints"
-# Settings that may change between a run and its resume without changing its results.
-RESUME_SAFE_KEYS = ("trainer.device", "trainer.progress_bar", "trainer.log_every", "eval.progress_bar", "eval.batch_size", "logger")
 
 
 def flatten(tree, prefix: str = "") -> dict:
@@ -32,9 +31,8 @@ def flatten(tree, prefix: str = "") -> dict:
 
 
 def result_settings(config: dict) -> dict:
-    """The flattened settings that determine a run's results (see RESUME_SAFE_KEYS)."""
-    flat = flatten({k: v for k, v in config.items() if k != "logger"})
-    return {k: v for k, v in flat.items() if not any(k == s or k.startswith(s + ".") for s in RESUME_SAFE_KEYS)}
+    """The flattened settings that determine a run's results (see config.RESUME_SAFE_KEYS)."""
+    return {k: v for k, v in flatten(config).items() if not is_resume_safe(k)}
 
 
 @dataclass
@@ -98,12 +96,11 @@ class RunState:
     def commit_task(self, task_index: int, write_checkpoint, scores, general, stats: dict, eval_seconds: float) -> None:
         """Write task ``task_index``'s checkpoint, then record its row: a kill in between leaves no trace."""
         final = self.checkpoint_dir(task_index)
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(final, ignore_errors=True)  # left by a run killed after the rename, before the state
-        tmp.mkdir(parents=True)
-        write_checkpoint(tmp)
-        tmp.rename(final)
+        for stale in final.parent.glob(final.name + ".*.tmp"):  # left by a run killed mid-write
+            shutil.rmtree(stale, ignore_errors=True)
+        # replace=True: a folder already there was left by a run killed after the rename but
+        # before state.json was updated, so nothing trusts it.
+        write_dir_atomic(final, write_checkpoint, replace=True)
         self.train_stats.append(stats)
         self.timing["train_s"].append(stats["seconds"])
         self.record_row(scores, general, eval_seconds)

@@ -29,7 +29,7 @@ from cl_runner.models import load_model, resolve_device
 from cl_runner.results import build_results, plot_heatmap, write_json_atomic
 from cl_runner.run_state import RunState, result_settings
 from cl_runner.tasks import Task, load_task_sequence
-from cl_runner.training import TrainingLoop, check_trainer_config
+from cl_runner.training import TrainingLoop, check_trainer_config, require_setting
 
 log = logging.getLogger("cl_runner")
 
@@ -40,6 +40,10 @@ class EventLog:
     def __init__(self, path: Path, logger):
         self.path = path
         self.logger = logger
+        # A run killed mid-write leaves a partial last line: end it so the next record starts clean.
+        if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+            with path.open("a", encoding="utf-8") as handle:
+                handle.write("\n")
 
     def write(self, event: dict) -> None:
         with self.path.open("a", encoding="utf-8") as handle:
@@ -80,8 +84,8 @@ def _format_row(scores: list[float]) -> str:
     return "[" + " ".join(f"{s:.2f}" for s in scores) + "]"
 
 
-def _format_score(score: float | None) -> str:
-    return "-" if score is None else f"{score:.2f}"
+def _format_score(score: float | None, spec: str = ".2f") -> str:
+    return "-" if score is None else format(score, spec)
 
 
 class Experiment:
@@ -92,11 +96,12 @@ class Experiment:
         self.run_dir = run_dir
         self.config = resolved_config(cfg)
         check_trainer_config(cfg.trainer)
+        require_setting(cfg.eval, "batch_size", lambda v: isinstance(v, int) and v >= 1, "a positive integer", group="eval")
+        self.device = resolve_device(cfg.trainer.device)
         # Data first: a bad task file fails here, before anything is written to the run directory.
         self.tasks, self.probe = load_task_sequence(self.config["task_sequence"])
         self.task_names = [t.name for t in self.tasks]
         self.state = RunState.open(run_dir, result_settings(self.config), self.task_names)
-        self.device = resolve_device(cfg.trainer.device)
         self.timing: dict = {}
         self._encoded: dict[str, list] = {}
 
@@ -110,10 +115,12 @@ class Experiment:
 
     def _setup(self) -> None:
         started = time.perf_counter()
-        seed_everything(self.cfg.seed)  # adapter initialisation draws from the global generators
         model, tokenizer = load_model(self.cfg.model)
         self.formatter = PromptFormatter(tokenizer, self.cfg.model.use_chat_template, self.cfg.model.system_prompt, self.cfg.trainer.max_length)
         self.method = build(self.cfg.method)
+        # Seeded right before the method draws its adapter initialisation: loading may or may
+        # not consume random numbers (a first run builds the cached model, later runs do not).
+        seed_everything(self.cfg.seed)
         self.model = self.method.setup(model).to(self.device)
         self.replay = build(self.cfg.replay)
         self.replay.setup(self._encode, list(self.cfg.task_sequence.task_dirs))
@@ -163,6 +170,10 @@ class Experiment:
         return stats
 
     def run(self) -> dict:
+        results_file = self.run_dir / "results.json"
+        if self.state.tasks_completed == len(self.tasks) and results_file.exists():
+            log.info("%s is complete: nothing to do (results: %s)", self.run_dir, results_file)
+            return json.loads(results_file.read_text())
         total_started = time.perf_counter()
         self._setup()
         self.logger.start(self.run_dir, self.run_dir.name, self.config)
@@ -202,13 +213,9 @@ class Experiment:
         metrics = results["metrics"]
         log.info(
             "done: acc %.3f avg_acc %.3f bwt %s fwt %s forgetting %s new_acc %.3f -> %s",
-            metrics["acc"], metrics["avg_acc"], _fmt(metrics["bwt"]), _fmt(metrics["fwt"]), _fmt(metrics["forgetting"]), metrics["new_acc"], self.run_dir / "results.json",
+            metrics["acc"], metrics["avg_acc"], _format_score(metrics["bwt"], "+.3f"), _format_score(metrics["fwt"], "+.3f"), _format_score(metrics["forgetting"], ".3f"), metrics["new_acc"], self.run_dir / "results.json",
         )
         return results
-
-
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:+.3f}"
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:

@@ -38,17 +38,21 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.
     return batches
 
 
+def pad_right(sequences: Sequence[Sequence[int]], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token sequences into one tensor; also return the attention mask (1 = real token)."""
+    width = max(len(s) for s in sequences)
+    padded = torch.full((len(sequences), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        padded[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return padded, mask
+
+
 def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch; padded positions get attention 0 and label IGNORE_INDEX."""
-    width = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example.input_ids)
-        input_ids[row, :n] = torch.tensor(example.input_ids)
-        labels[row, :n] = torch.tensor(example.labels)
-        attention_mask[row, :n] = 1
+    input_ids, attention_mask = pad_right([e.input_ids for e in examples], pad_token_id)
+    labels, _ = pad_right([e.labels for e in examples], IGNORE_INDEX)
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
@@ -56,13 +60,19 @@ def check_trainer_config(cfg) -> None:
     """Reject impossible trainer settings before anything runs (and before a run directory is written)."""
     if cfg.precision not in PRECISIONS:
         raise UserError(f"trainer.precision '{cfg.precision}' is not one of {list(PRECISIONS)}")
-    for key in ("batch_size", "grad_accum_steps", "epochs", "log_every"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise UserError(f"trainer.{key} must be a positive integer, got {cfg[key]!r}")
-    if not cfg.lr > 0:
-        raise UserError(f"trainer.lr must be positive, got {cfg.lr!r}")
-    if not 0 <= cfg.warmup_ratio < 1:
-        raise UserError(f"trainer.warmup_ratio must be in [0, 1), got {cfg.warmup_ratio!r}")
+    for key in ("batch_size", "grad_accum_steps", "epochs", "log_every", "max_length"):
+        require_setting(cfg, key, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer")
+    require_setting(cfg, "max_steps", lambda v: v is None or (isinstance(v, int) and v >= 1), "null or a positive integer")
+    require_setting(cfg, "lr", lambda v: isinstance(v, (int, float)) and v > 0, "a positive number")
+    require_setting(cfg, "warmup_ratio", lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1)")
+    require_setting(cfg, "weight_decay", lambda v: isinstance(v, (int, float)) and v >= 0, "a non-negative number")
+    require_setting(cfg, "max_grad_norm", lambda v: v is None or (isinstance(v, (int, float)) and v > 0), "null or a positive number")
+
+
+def require_setting(cfg, key: str, valid, meaning: str, group: str = "trainer") -> None:
+    """Raise a one-line UserError unless ``valid(cfg[key])``."""
+    if not valid(cfg[key]):
+        raise UserError(f"{group}.{key} must be {meaning}, got {cfg[key]!r}")
 
 
 def autocast_context(precision: str, device: torch.device):
@@ -133,7 +143,8 @@ class TrainingLoop:
                 extra = method.extra_loss(model, batch, outputs)
                 if extra is not None:
                     loss = loss + extra
-            scaler.scale(loss / accum).backward()
+            group_size = min(accum, len(micro_batches) - (index // accum) * accum)  # the last group may be short
+            scaler.scale(loss / group_size).backward()
             tokens += int(batch["attention_mask"].sum())
             if (index + 1) % accum and index + 1 != len(micro_batches):
                 continue

@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from cl_runner.cli import CONFIG_DIR
+from cl_runner.config import compose_config
 from cl_runner.formatting import PromptFormatter
 from cl_runner.methods.base import ContinualMethod
 from cl_runner.models import load_model
@@ -31,14 +31,6 @@ from cl_runner.tasks import load_task
 from cl_runner.training import TrainingLoop
 
 TASKS = ["second_word", "last_word", "general_instructions"]
-
-
-def compose(overrides):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
 
 
 def make_examples(formatter, count, seed=0):
@@ -88,7 +80,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
-    cfg = compose([f"model={args.model}", f"trainer.batch_size={args.batch_size}", "trainer.progress_bar=false"])
+    cfg = compose_config([f"model={args.model}", f"trainer.batch_size={args.batch_size}", "trainer.progress_bar=false"])
     model, tokenizer = load_model(cfg.model)
     examples = make_examples(PromptFormatter(tokenizer, max_length=cfg.trainer.max_length), args.examples)
     lengths = [len(e.input_ids) for e in examples]

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from cl_runner.config import is_resume_safe
+
 COLUMNS = ("acc", "avg_acc", "bwt", "fwt", "forgetting", "new_acc")
 
 
@@ -21,7 +23,7 @@ def command_of(run_dir: Path) -> str:
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
     # Overrides that cannot change results (logger, progress bars) share the run directory too.
-    shown = [o for o in overrides if not o.startswith("logger") and "progress_bar" not in o]
+    shown = [o for o in overrides if not is_resume_safe(o.split("=", 1)[0].lstrip("+~"))]
     return " ".join(["cl-runner", *shown])
 
 

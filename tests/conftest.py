@@ -8,18 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-
-from cl_runner.cli import CONFIG_DIR  # noqa: F401 - also registers the or_default resolver
+from cl_runner.config import compose_config  # noqa: F401 - the tests' way to build a config
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["trainer.progress_bar=false", "eval.progress_bar=false"]
 SMOKE = ["experiment=smoke", *QUIET]
-
-
-def compose_config(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 300, **popen) -> subprocess.CompletedProcess:

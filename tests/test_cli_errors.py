@@ -84,7 +84,6 @@ def test_required_value_missing(tmp_path):
 
 
 def test_rerun_with_other_settings_is_refused(tmp_path):
-    make_custom_data(tmp_path)
     run_dir = tmp_path / "run"
     first = run_cli(["experiment=smoke", f"hydra.run.dir={run_dir}", "task_sequence.eval_size=2", *QUIET], cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -107,3 +106,17 @@ def test_bad_trainer_setting_fails_before_anything_is_written(override, pattern,
     result = run_cli(["experiment=smoke", override, *QUIET], cwd=tmp_path, timeout=120)
     assert_one_clear_line(result, pattern)
     assert not list(tmp_path.rglob("state.json"))
+
+
+def test_rerun_with_only_resume_safe_changes_is_accepted(tmp_path):
+    run_dir = tmp_path / "run"
+    first = run_cli(["experiment=smoke", f"hydra.run.dir={run_dir}", "task_sequence.tasks=[second_word]", *QUIET], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = run_cli(["experiment=smoke", f"hydra.run.dir={run_dir}", "task_sequence.tasks=[second_word]", "trainer.num_threads=1", "trainer.log_every=3", "logger=wandb", "logger.mode=disabled"], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "is complete" in again.stderr + again.stdout
+
+
+def test_bad_device_name(tmp_path):
+    result = run_cli(["experiment=smoke", "trainer.device=gpu0", *QUIET], cwd=tmp_path, timeout=120)
+    assert_one_clear_line(result, r"trainer.device 'gpu0' is not a device name")

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 from omegaconf import OmegaConf
 
 from cl_runner.runner import build
@@ -20,11 +21,17 @@ def options(group: str) -> list[str]:
 def test_every_group_option_composes(group, option):
     extra = ["model.name_or_path=some-org/some-model"] if (group, option) == ("model", "hf") else []
     cfg = compose_config([f"{group}={option}", *extra])
-    # Resolve everything a run resolves.
+    # Resolve everything a run resolves, then check the option's own keys landed in the config.
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    assert container["method"]["_target_"].startswith("cl_runner.methods.")
-    if group != "experiment":
-        assert cfg[group] is not None
+    own = yaml.safe_load((CONF / group / f"{option}.yaml").read_text())
+    own.pop("defaults", None)
+    target = container if group == "experiment" else container[group]
+    for key, value in own.items():
+        assert key in target, f"{group}={option}: '{key}' missing after composition"
+        if value != "???" and (not isinstance(value, (dict, str)) or "${" not in str(value)):
+            assert target[key] == value or isinstance(value, dict), f"{group}={option}: {key}"
+    if "name" in own:
+        assert own["name"] == option  # run labels match the option users type
 
 
 def test_groups_have_the_documented_defaults():
@@ -71,3 +78,13 @@ def test_conf_has_no_stray_yaml():
     for path in CONF.rglob("*.yaml"):
         rel = path.relative_to(CONF)
         assert rel.parts[0] in known or rel == Path("config.yaml"), rel
+
+
+def test_run_directory_name_ignores_exactly_the_resume_safe_keys():
+    """Two lists must agree: what may change on resume, and what does not rename the run directory."""
+    from cl_runner.config import RESUME_SAFE_KEYS, is_resume_safe
+
+    hydra_cfg = yaml.safe_load((CONF / "hydra" / "default.yaml").read_text())
+    excluded = set(hydra_cfg["job"]["config"]["override_dirname"]["exclude_keys"]) - {"hydra.run.dir", "hydra.sweep.dir"}
+    assert set(RESUME_SAFE_KEYS) <= excluded
+    assert all(is_resume_safe(key) for key in excluded)

@@ -54,12 +54,11 @@ def test_cli_smoke_writes_hydra_snapshot_and_reruns_as_complete(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "outputs" / "runs" / "experiment=smoke"
     assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "results.json").exists()
-    first = json.loads((run_dir / "results.json").read_text())
+    first = (run_dir / "results.json").read_bytes()
     again = run_cli(["experiment=smoke"], cwd=tmp_path)  # same command, same directory: nothing to redo
     assert again.returncode == 0
-    second = json.loads((run_dir / "results.json").read_text())
-    assert second["acc_matrix"] == first["acc_matrix"]
-    assert second["timing"]["train_s"] == first["timing"]["train_s"]  # no task was trained again
+    assert "is complete: nothing to do" in again.stderr + again.stdout
+    assert (run_dir / "results.json").read_bytes() == first
 
 
 def test_multirun_over_methods(tmp_path):
@@ -79,7 +78,8 @@ def test_per_task_lora_keeps_earlier_adapters_frozen(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     R = results["acc_matrix"]
     first_after_task1 = load_file(str(tmp_path / "checkpoints" / "task_01_second_word" / "adapter_task_0.safetensors"))
-    assert first_after_task1 and any(v.abs().sum() > 0 for v in first_after_task1.values())
+    lora_b = [v for k, v in first_after_task1.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: task 1 trained it
     # Task 1 is always scored with its own adapter, so its column never moves after step 1,
     # and tasks not yet learnt are scored on the base model: their entries equal row 0.
     assert all(R[t][0] == R[1][0] for t in range(1, 5))

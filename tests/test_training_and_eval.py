@@ -95,11 +95,26 @@ def test_single_token_fast_path_equals_full_loglikelihood(tiny_model_and_tokeniz
 
 
 def test_choice_accuracy_with_multi_token_choices(tiny_model_and_tokenizer):
+    """Multi-token choices are ranked by summed log-probability: check against a hand-rolled ranking."""
     model, tokenizer = tiny_model_and_tokenizer
     formatter = PromptFormatter(tokenizer)
-    examples = [Example("Pick one", "blue whale", ("blue whale", "red panda")), Example("Pick again", "red panda", ("blue whale", "red panda"))]
-    # Whatever the untrained model prefers, it prefers the same string for both identical choice sets.
-    assert choice_accuracy(model, formatter, examples, 4, "cpu") == 0.5
+    choices = ("blue whale", "red panda", "snow leopard")
+    prompts = [f"Name an animal, {i}" for i in range(6)]
+    expected = []
+    for prompt in prompts:
+        context = formatter.prompt_ids(prompt)
+        with torch.no_grad():
+            scores = []
+            for choice in choices:
+                cont = formatter.continuation_ids(choice)
+                logits = model(input_ids=torch.tensor([context + cont])).logits[0].log_softmax(-1)
+                scores.append(sum(float(logits[len(context) - 1 + j, t]) for j, t in enumerate(cont)))
+        expected.append(choices[scores.index(max(scores))])
+    assert all(len(formatter.continuation_ids(c)) > 1 for c in choices)
+    # Targets = the hand-ranked winners for half the prompts, a loser for the other half.
+    examples = [Example(p, w if i % 2 == 0 else next(c for c in choices if c != w), choices) for i, (p, w) in enumerate(zip(prompts, expected))]
+    assert choice_accuracy(model, formatter, examples, 4, "cpu") == pytest.approx(0.5)
+    assert choice_accuracy(model, formatter, [Example(p, w, choices) for p, w in zip(prompts, expected)], 4, "cpu") == 1.0
 
 
 def test_training_loop_fits_a_tiny_task(tiny_model_and_tokenizer):
@@ -116,3 +131,13 @@ def test_training_loop_fits_a_tiny_task(tiny_model_and_tokenizer):
     assert stats["steps"] == len(records) == 8 * 32 // 8
     assert records[-1]["loss"] < records[0]["loss"] * 0.5
     assert stats["tokens"] == 8 * sum(len(e.input_ids) for e in examples)
+
+
+def test_event_log_ends_a_partial_line_left_by_a_kill(tmp_path):
+    from cl_runner.loggers import NullLogger
+    from cl_runner.runner import EventLog
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"event": "eval"}\n{"event": "train_st')  # killed mid-write
+    EventLog(log, NullLogger()).write({"event": "start"})
+    assert log.read_text().splitlines()[-1] == '{"event": "start"}'

@@ -65,6 +65,8 @@ def _read_json(path: Path, task_name: str, limit: int | None) -> list[Record]:
             docs = json.loads(text)
         except json.JSONDecodeError as exc:
             raise UserError(f"task '{task_name}': {path} line {exc.lineno} is not valid JSON ({exc.msg})") from exc
+        if not isinstance(docs, list) or not all(isinstance(d, dict) for d in docs):
+            raise UserError(f"task '{task_name}': {path} must hold JSON objects (one per line, or an array of them)")
         return [(str(path), i + 1, d) for i, d in enumerate(docs[:limit] if limit is not None else docs)]
     return _read_jsonl(path, task_name, limit)
 
@@ -100,17 +102,26 @@ def _read_hub(task: Task, split: str, limit: int | None) -> list[Record]:
     return [(f"{task.dataset_path}[{split}]", i + 1, dict(row)) for i, row in enumerate(dataset)]
 
 
+def _read_local(task: Task, path: Path, limit: int | None) -> list[Record]:
+    try:
+        if task.dataset_path in ("json", "jsonl"):
+            return _read_json(path, task.name, limit)
+        if task.dataset_path == "csv":
+            return _read_csv(path, limit)
+        return _read_parquet(path, limit)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"task '{task.name}': {path} is not UTF-8 text (byte {exc.start}); re-save it as UTF-8") from exc
+    except (OSError, ValueError) as exc:  # unreadable file, or a Parquet file pyarrow cannot parse
+        raise UserError(f"task '{task.name}': cannot read {path} ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+
+
 def load_split(task: Task, split: str, limit: int | None) -> list[Record]:
     """Records of one split, in file order, at most ``limit`` of them; never empty."""
-    fmt = task.dataset_path
-    if fmt in LOCAL_FORMATS:
+    if not isinstance(task.dataset_kwargs, dict):
+        raise UserError(f"task '{task.name}': dataset_kwargs must be a mapping, e.g. {{data_files: {{train: a.jsonl}}}}")
+    if task.dataset_path in LOCAL_FORMATS:
         path = _data_file(task, split)
-        if fmt in ("json", "jsonl"):
-            records = _read_json(path, task.name, limit)
-        elif fmt == "csv":
-            records = _read_csv(path, limit)
-        else:
-            records = _read_parquet(path, limit)
+        records = _read_local(task, path, limit)
         where = str(path)
     else:
         records = _read_hub(task, split, limit)

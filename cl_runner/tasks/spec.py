@@ -144,6 +144,8 @@ def _render_split(task: Task, split: str, records: list[tuple[str, int, dict]]) 
             example = Example(text_of(**doc), target_of(**doc).strip(), _choices_of(task, doc))
         except (jinja2.UndefinedError, KeyError) as exc:
             raise UserError(f"{where}: the record has no field {exc} used by the task's templates") from exc
+        except (jinja2.TemplateError, TypeError, ValueError) as exc:
+            raise UserError(f"{where}: the task's templates fail on this record ({type(exc).__name__}: {exc})") from exc
         if not example.target:
             raise UserError(f"{where}: empty target")
         if example.choices is not None and example.target not in example.choices:
