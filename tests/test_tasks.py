@@ -117,3 +117,20 @@ def test_unknown_task_name_suggests_builtin():
 def test_acc_metric_requires_choices(tmp_path):
     with pytest.raises(UserError, match="needs doc_to_choice"):
         load_task(inline_task(tmp_path, metric="acc"))
+
+
+def test_relative_data_files_follow_the_file_that_names_them(tmp_path, monkeypatch):
+    """A task YAML's paths are relative to its folder; an inline task's to the working directory."""
+    tasks_dir = tmp_path / "tasks"
+    (tasks_dir / "data").mkdir(parents=True)
+    write_jsonl(tasks_dir / "data" / "d.jsonl", [{"q": "in base folder", "a": "x"}])
+    (tasks_dir / "base.yaml").write_text(
+        "dataset_path: json\ndataset_kwargs: {data_files: {train: data/d.jsonl, test: data/d.jsonl}}\n"
+        "doc_to_text: q\ndoc_to_target: a\nmetric: exact_match\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    from_base = load_task({"include": "base", "name": "uses_base"}, [str(tasks_dir)])
+    assert from_base.test[0].prompt == "in base folder"
+    write_jsonl(tmp_path / "mine.jsonl", [{"q": "in working directory", "a": "y"}])
+    own_files = load_task({"include": "base", "name": "own", "dataset_kwargs": {"data_files": "mine.jsonl"}}, [str(tasks_dir)])
+    assert own_files.test[0].prompt == "in working directory"

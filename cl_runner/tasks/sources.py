@@ -34,9 +34,9 @@ def _data_file(task: Task, split: str) -> Path:
             f"task '{task.name}': dataset_path '{task.dataset_path}' needs dataset_kwargs.data_files, "
             "e.g. {train: train.jsonl, test: test.jsonl}"
         )
-    resolved = Path(path) if Path(path).is_absolute() else Path(task.base_dir) / path
+    resolved = Path(path)  # task files anchor theirs to their folder; inline ones are relative to the cwd
     if not resolved.exists():
-        raise UserError(f"task '{task.name}': data file '{path}' for split '{split}' not found (looked at {resolved})")
+        raise UserError(f"task '{task.name}': data file '{path}' for split '{split}' not found (looked at {resolved.resolve()})")
     return resolved
 
 

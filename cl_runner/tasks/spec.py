@@ -49,12 +49,11 @@ class Task:
     eval_size: int | None = None  # first N test records (None: all)
     generation_kwargs: dict[str, Any] = field(default_factory=lambda: {"max_new_tokens": 16})
     description: str = ""
-    base_dir: str = "."  # where relative data_files are resolved (the YAML's folder)
     train: list[Example] = field(default_factory=list, repr=False)
     test: list[Example] = field(default_factory=list, repr=False)
 
 
-_TASK_KEYS = {f.name for f in fields(Task)} - {"train", "test", "base_dir"}
+_TASK_KEYS = {f.name for f in fields(Task)} - {"train", "test"}
 
 
 def _did_you_mean(key: str, options: set[str]) -> str:
@@ -85,9 +84,23 @@ def _resolve_includes(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         if not base_path.exists():
             raise UserError(f"task file {path}: include '{base}' not found at {base_path}")
         merged = _resolve_includes(base_path, seen + (path,))
-    merged.update(data)
-    merged.setdefault("base_dir", str(path.parent))
+    merged.update(_anchor_data_files(data, path.parent))
     return merged
+
+
+def _anchor_data_files(data: dict, folder: Path) -> dict:
+    """Make a task file's relative data_files relative to that file's folder, whoever includes it.
+
+    (Inline tasks in a sequence config keep theirs relative to the working directory.)
+    """
+    kwargs = data.get("dataset_kwargs")
+    if not isinstance(kwargs, dict) or "data_files" not in kwargs:
+        return data
+    def anchor(path):
+        return path if not isinstance(path, str) or Path(path).is_absolute() else str(folder / path)
+    files = kwargs["data_files"]
+    files = {k: anchor(v) for k, v in files.items()} if isinstance(files, dict) else anchor(files)
+    return {**data, "dataset_kwargs": {**kwargs, "data_files": files}}
 
 
 def find_task_file(name: str, task_dirs: list[str]) -> Path:
@@ -165,7 +178,7 @@ def load_task(spec: str | dict, task_dirs: list[str] | None = None, size_overrid
         base = raw.pop("include")
         raw = {**_resolve_includes(find_task_file(base, task_dirs)), **raw}
     name = raw.get("name", "<unnamed>")
-    unknown = set(raw) - _TASK_KEYS - {"base_dir"}
+    unknown = set(raw) - _TASK_KEYS
     if unknown:
         key = sorted(unknown)[0]
         raise UserError(f"task '{name}': unknown key '{key}'{_did_you_mean(key, _TASK_KEYS)}")
