@@ -12,8 +12,10 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cl_runner.errors import UserError
@@ -54,6 +56,34 @@ def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str
     input_ids, attention_mask = pad_right([e.input_ids for e in examples], pad_token_id)
     labels, _ = pad_right([e.labels for e in examples], IGNORE_INDEX)
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+@dataclass
+class LossOutput:
+    """What ``extra_loss`` receives: the answer-token cross-entropy and the decoder's last hidden states."""
+
+    loss: torch.Tensor
+    last_hidden_state: torch.Tensor
+
+
+def answer_token_loss(model, batch: dict[str, torch.Tensor]) -> LossOutput:
+    """Mean next-token cross-entropy over the labelled (answer) positions.
+
+    The same number as ``model(**batch).loss``, but the vocabulary projection runs only at the
+    few labelled positions instead of every prompt token: for short answers after long prompts
+    (every continual-learning task here) that skips most of the LM head's compute, forward and
+    backward. Falls back to the model's own loss when it does not expose a decoder and a head.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
+    if decoder is None or head is None or decoder is base:
+        outputs = model(**batch, output_hidden_states=True)
+        return LossOutput(outputs.loss, outputs.hidden_states[-1])
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = head(hidden[:, :-1][keep])
+    return LossOutput(F.cross_entropy(logits.float(), targets[keep]), hidden)
 
 
 def check_trainer_config(cfg) -> None:
@@ -138,7 +168,7 @@ class TrainingLoop:
             micro = list(micro) + replay.sample(len(micro), rng)
             batch = {k: v.to(self.device) for k, v in collate(micro, self.pad_token_id).items()}
             with autocast_context(cfg.precision, self.device):
-                outputs = model(**batch)
+                outputs = answer_token_loss(model, batch)
                 loss = outputs.loss
                 extra = method.extra_loss(model, batch, outputs)
                 if extra is not None:

@@ -141,3 +141,30 @@ def test_event_log_ends_a_partial_line_left_by_a_kill(tmp_path):
     log.write_text('{"event": "eval"}\n{"event": "train_st')  # killed mid-write
     EventLog(log, NullLogger()).write({"event": "start"})
     assert log.read_text().splitlines()[-1] == '{"event": "start"}'
+
+
+@pytest.mark.parametrize("wrap_in_lora", [False, True])
+def test_answer_token_loss_equals_the_models_own_loss(tiny_model_and_tokenizer, wrap_in_lora):
+    """Projecting only the answer positions is an optimisation, not a different objective."""
+    import copy
+
+    from peft import get_peft_model
+
+    from cl_runner.peft_utils import lora_config
+    from cl_runner.training import answer_token_loss
+
+    model = copy.deepcopy(tiny_model_and_tokenizer[0])
+    if wrap_in_lora:
+        model = get_peft_model(model, lora_config({"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_()  # make the adapter matter
+    formatter = PromptFormatter(tiny_model_and_tokenizer[1])
+    batch = collate([formatter.encode_example(Example(f"Say {w} please, now", w)) for w in ("red", "blue sky", "a green tree")], formatter.tokenizer.pad_token_id)
+    ours = answer_token_loss(model, batch)
+    reference = model(**batch).loss
+    assert float(ours.loss) == pytest.approx(float(reference), rel=1e-5)
+    assert ours.last_hidden_state.shape[:2] == batch["input_ids"].shape
+    ours.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)

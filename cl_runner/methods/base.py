@@ -37,7 +37,11 @@ class ContinualMethod:
         return train()
 
     def extra_loss(self, model: torch.nn.Module, batch: dict, outputs) -> torch.Tensor | None:
-        """A term added to the cross-entropy loss of every batch (None: nothing)."""
+        """A term added to the cross-entropy loss of every batch (None: nothing).
+
+        ``outputs.loss`` is the cross-entropy, ``outputs.last_hidden_state`` the decoder's output;
+        a method that needs other internals registers forward hooks in ``setup``.
+        """
         return None
 
     def after_task(self, model: torch.nn.Module, task_index: int, task: Task) -> None:
