@@ -2,7 +2,8 @@
 
 Methods never step the optimizer; they only contribute ``extra_loss`` terms and choose which
 parameters train. Batches are grouped by length (like ``group_by_length`` in HF Trainer) so
-little compute is spent on padding, and throughput is reported in non-padding tokens/s.
+little compute is spent on padding, the vocabulary projection runs only where there is a
+label (:func:`answer_token_loss`), and throughput is reported in non-padding tokens/s.
 """
 
 from __future__ import annotations
