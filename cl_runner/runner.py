@@ -41,9 +41,11 @@ class EventLog:
         self.path = path
         self.logger = logger
         # A run killed mid-write leaves a partial last line: end it so the next record starts clean.
-        if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-            with path.open("a", encoding="utf-8") as handle:
-                handle.write("\n")
+        if path.exists() and path.stat().st_size:
+            with path.open("rb+") as handle:
+                handle.seek(-1, 2)  # only the last byte matters; the log can be large
+                if handle.read(1) != b"\n":
+                    handle.write(b"\n")
 
     def write(self, event: dict) -> None:
         with self.path.open("a", encoding="utf-8") as handle:

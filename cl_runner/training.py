@@ -154,7 +154,7 @@ class TrainingLoop:
         micro_batches = self._batches(examples, rng)
         accum = max(1, cfg.grad_accum_steps)
         total_steps = math.ceil(len(micro_batches) / accum)
-        if cfg.max_steps and cfg.max_steps > 0:
+        if cfg.max_steps:  # validated: null or a positive integer
             total_steps = min(total_steps, cfg.max_steps)
             micro_batches = micro_batches[: total_steps * accum]
         parameters = [p for p in parameters if p.requires_grad]
