@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from cl_runner.errors import UserError
-from cl_runner.results import write_dir_atomic
+from cl_runner.atomic_io import write_dir_atomic
 
 log = logging.getLogger(__name__)
 

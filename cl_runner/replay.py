@@ -19,6 +19,8 @@ from cl_runner.tasks import Task, load_task
 class NoReplay:
     """Train on the current task's data only."""
 
+    ratio = 0.0  # share of each optimizer step's loss weight carried by replayed examples
+
     def setup(self, encode: Callable[[Task], list[TokenizedExample]], task_dirs: list[str]) -> None:
         pass
 
@@ -30,7 +32,7 @@ class NoReplay:
 
 
 class InstructionReplay:
-    """Earlier tasks' examples plus general instruction data, ``ratio`` of every batch."""
+    """Earlier tasks' examples plus general instruction data: ``ratio`` of every batch and of its loss weight."""
 
     def __init__(self, ratio: float = 0.2, per_task: int = 100, general_task: str | None = "general_instructions", seed: int = 0):
         if not 0 < ratio < 1:

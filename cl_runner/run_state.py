@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cl_runner.config import is_resume_safe
 from cl_runner.errors import UserError
-from cl_runner.results import write_dir_atomic, write_json_atomic
+from cl_runner.atomic_io import write_dir_atomic, write_json_atomic
 
 STATE_FILE = "state.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -42,6 +42,7 @@ class RunState:
     tasks: list[str]
     acc_matrix: list[list[float]] = field(default_factory=list)
     general: list[float] = field(default_factory=list)
+    task_scores: list[list[dict]] = field(default_factory=list)  # every score of every task, per row
     train_stats: list[dict] = field(default_factory=list)
     timing: dict = field(default_factory=lambda: {"train_s": [], "eval_s": []})
 
@@ -76,7 +77,7 @@ class RunState:
                 f"run directory {run_dir} holds a run with other settings ({detail}); "
                 "use another directory (hydra.run.dir=...) or delete this one"
             )
-        state = cls(run_dir, settings, tasks, saved["acc_matrix"], saved["general"], saved["train_stats"], saved["timing"])
+        state = cls(run_dir, settings, tasks, saved["acc_matrix"], saved["general"], saved.get("task_scores", []), saved["train_stats"], saved["timing"])
         missing = [str(p) for p in state.completed_checkpoints() if not p.is_dir()]
         if missing:
             raise UserError(f"{path} lists checkpoints that are missing ({missing[0]}); delete the run directory to start over")
@@ -87,13 +88,14 @@ class RunState:
         data["run_dir"] = str(self.run_dir)
         write_json_atomic(self.run_dir / STATE_FILE, data)
 
-    def record_row(self, scores: list[float], general: float | None, eval_seconds: float) -> None:
+    def record_row(self, scores: list[float], task_scores: list[dict], general: float | None, eval_seconds: float) -> None:
         self.acc_matrix.append(scores)
+        self.task_scores.append(task_scores)
         if general is not None:
             self.general.append(general)
         self.timing["eval_s"].append(eval_seconds)
 
-    def commit_task(self, task_index: int, write_checkpoint, scores, general, stats: dict, eval_seconds: float) -> None:
+    def commit_task(self, task_index: int, write_checkpoint, scores, task_scores, general, stats: dict, eval_seconds: float) -> None:
         """Write task ``task_index``'s checkpoint, then record its row: a kill in between leaves no trace."""
         final = self.checkpoint_dir(task_index)
         for stale in final.parent.glob(final.name + ".*.tmp"):  # left by a run killed mid-write
@@ -103,5 +105,5 @@ class RunState:
         write_dir_atomic(final, write_checkpoint, replace=True)
         self.train_stats.append(stats)
         self.timing["train_s"].append(stats["seconds"])
-        self.record_row(scores, general, eval_seconds)
+        self.record_row(scores, task_scores, general, eval_seconds)
         self.save()

@@ -26,7 +26,9 @@ from cl_runner.errors import UserError
 from cl_runner.evaluation import evaluate_task, evaluate_tasks
 from cl_runner.formatting import PromptFormatter
 from cl_runner.models import load_model, resolve_device
-from cl_runner.results import build_results, plot_heatmap, write_json_atomic
+from cl_runner.atomic_io import write_json_atomic
+from cl_runner.plots import plot_heatmap
+from cl_runner.results import build_results
 from cl_runner.run_state import RunState, result_settings
 from cl_runner.tasks import Task, load_task_sequence
 from cl_runner.training import TrainingLoop, check_trainer_config, require_setting
@@ -55,8 +57,11 @@ class EventLog:
         self.write({"event": "train_step", "task": task_name, **record})
         self.logger.log_step(record, task_name)
 
-    def evaluation(self, row: int, task_names: list[str], scores: list[float], general: float | None) -> None:
-        self.write({"event": "eval", "tasks_learnt": row, "scores": dict(zip(task_names, scores)), "general_probe": general})
+    def evaluation(self, row: int, task_names: list[str], scores: list[float], general: float | None, task_scores: list[dict] | None = None) -> None:
+        event = {"event": "eval", "tasks_learnt": row, "scores": dict(zip(task_names, scores)), "general_probe": general}
+        if task_scores is not None:
+            event["task_scores"] = dict(zip(task_names, task_scores))
+        self.write(event)
         self.logger.log_evaluation(row, task_names, scores, general)
 
 
@@ -112,7 +117,7 @@ class Experiment:
 
     def _encode(self, task: Task) -> list:
         if task.name not in self._encoded:
-            self._encoded[task.name] = [self.formatter.encode_example(e) for e in task.train]
+            self._encoded[task.name] = [self.formatter.encode_example(e, task.answer_reserve) for e in task.train]
         return self._encoded[task.name]
 
     def _setup(self) -> None:
@@ -136,7 +141,7 @@ class Experiment:
             log.info("Resuming %s after task %d/%d (%s)", self.run_dir, self.state.tasks_completed, len(self.tasks), self.task_names[self.state.tasks_completed - 1])
         self.timing["setup_s"] = time.perf_counter() - started
 
-    def _evaluate_row(self, tasks_learnt: int) -> tuple[list[float], float | None, float]:
+    def _evaluate_row(self, tasks_learnt: int) -> tuple[list[float], list[dict], float | None, float]:
         started = time.perf_counter()
         batch_size = self.cfg.eval.batch_size
 
@@ -144,14 +149,15 @@ class Experiment:
             return self.method.eval_context(self.model, tasks_learnt, task_index)
 
         desc = "eval base" if tasks_learnt == 0 else f"eval after {self.task_names[tasks_learnt - 1]}"
-        scores = evaluate_tasks(self.model, self.formatter, self.tasks, batch_size, self.device, context, desc, self.cfg.eval.progress_bar)
+        task_scores = evaluate_tasks(self.model, self.formatter, self.tasks, batch_size, self.device, context, desc, self.cfg.eval.progress_bar)
+        scores = [s[task.metric] for s, task in zip(task_scores, self.tasks)]
         general = None
         if self.probe is not None:
             # The probe measures the model as deployed after the sequence: the last-learnt weights.
             with self.method.eval_context(self.model, tasks_learnt, max(0, tasks_learnt - 1)):
-                general = evaluate_task(self.model, self.formatter, self.probe, batch_size, self.device)
-        self.events.evaluation(tasks_learnt, self.task_names, scores, general)
-        return scores, general, time.perf_counter() - started
+                general = evaluate_task(self.model, self.formatter, self.probe, batch_size, self.device)[self.probe.metric]
+        self.events.evaluation(tasks_learnt, self.task_names, scores, general, task_scores)
+        return scores, task_scores, general, time.perf_counter() - started
 
     def _learn_task(self, t: int) -> dict:
         task = self.tasks[t]
@@ -184,18 +190,18 @@ class Experiment:
         self.events.write({"event": "start", "tasks_completed": self.state.tasks_completed})
         try:
             if not self.state.acc_matrix:
-                scores, general, seconds = self._evaluate_row(0)
-                self.state.record_row(scores, general, seconds)
+                scores, task_scores, general, seconds = self._evaluate_row(0)
+                self.state.record_row(scores, task_scores, general, seconds)
                 self.state.save()
                 log.info("base model: %s general %s", _format_row(scores), _format_score(general))
             for t in range(self.state.tasks_completed, len(self.tasks)):
                 stats = self._learn_task(t)
-                scores, general, seconds = self._evaluate_row(t + 1)
+                scores, task_scores, general, seconds = self._evaluate_row(t + 1)
 
                 def write_checkpoint(directory: Path, t=t) -> None:
                     self.method.save_checkpoint(self.model, directory, t)
 
-                self.state.commit_task(t, write_checkpoint, scores, general, stats, seconds)
+                self.state.commit_task(t, write_checkpoint, scores, task_scores, general, stats, seconds)
                 log.info(
                     "task %d/%d %s: %d steps, %.1f s, %.0f tok/s, loss %.3f | R[%d] %s | general %s",
                     t + 1, len(self.tasks), self.task_names[t], stats["steps"], stats["seconds"], stats["tokens_per_s"],
@@ -208,7 +214,7 @@ class Experiment:
     def _finish(self, seconds: float) -> dict:
         self.timing.update(self.state.timing)
         self.timing["this_invocation_s"] = seconds
-        results = build_results(self.task_names, self.state.acc_matrix, self.state.general, self.timing, self.state.train_stats, self.config)
+        results = build_results(self.task_names, self.state.acc_matrix, self.state.general, self.timing, self.state.train_stats, self.config, self.state.task_scores)
         write_json_atomic(self.run_dir / "results.json", results)
         heatmap = plot_heatmap(self.task_names, self.state.acc_matrix, self.run_dir / "acc_matrix.png", title=f"{self.cfg.method.name}: R[t][i]")
         self.logger.log_results(results, heatmap)

@@ -1,13 +1,16 @@
 """Training throughput: cl-runner's loop against a plain Hugging Face Trainer + PEFT reference.
 
-    python scripts/benchmark_throughput.py [--model smollm2_135m] [--examples 192] [--batch-size 8]
+    python scripts/benchmark_throughput.py [--data builtin|mixed] [--model smollm2_135m] [--examples 192] [--batch-size 8]
 
 Both sides train the same LoRA (conf/method/seq_lora.yaml) on the same model, the same
-examples (the built-in tasks mixed with the general-instruction data, so lengths vary) and
-the same batch size, for one epoch each, after an untimed warm-up, alternating A B A B. Reported: non-padding tokens
-per second, and the ratio ours / reference. The reference pads each batch to its longest
-example (DataCollatorForSeq2Seq), as the Trainer does by default; we also run it with
-train_sampling_strategy="group_by_length". A benchmark, not a test: machines are noisy, read the ratio.
+examples and the same batch size, for one epoch each, after an untimed warm-up, alternating
+them. ``--data builtin``: the built-in tasks mixed with the general-instruction data (45-56
+tokens); ``--data mixed``: seeded synthetic instructions of 3 to 120 words with answers of 1 to
+24 words, all through the chat template. cl-runner runs in each ``trainer.batch_layout``
+(padded, packed, prefix_tree), the reference pads each batch to its longest example
+(DataCollatorForSeq2Seq), as the Trainer does by default, and also runs with
+train_sampling_strategy="group_by_length". Reported: non-padding tokens per second, best of the
+repeats, and the ratios. A benchmark, not a test: machines are noisy, read the ratio.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 import warnings
 
 import torch
+from omegaconf import OmegaConf
 
 from cl_runner.config import compose_config
 from cl_runner.formatting import PromptFormatter
@@ -27,22 +31,37 @@ from cl_runner.methods.base import ContinualMethod
 from cl_runner.models import load_model
 from cl_runner.replay import NoReplay
 from cl_runner.runner import build
-from cl_runner.tasks import load_task
+from cl_runner.tasks import Example, load_task
 from cl_runner.training import TrainingLoop
 
 TASKS = ["second_word", "last_word", "general_instructions"]
+WORDS = ("river stone light paper garden window music winter silver forest engine market doctor letter planet "
+         "summer bridge island orange rabbit castle bottle pencil mirror yellow basket ticket butter camera jacket").split()
+LAYOUTS = ("padded", "packed", "prefix_tree")
 
 
-def make_examples(formatter, count, seed=0):
+def builtin_examples(formatter, count, seed=0):
     examples = [formatter.encode_example(e) for name in TASKS for e in load_task(name).train]
     random.Random(seed).shuffle(examples)
     return examples[:count]
 
 
-def ours(cfg, base_model, examples, pad_id):
+def mixed_examples(formatter, count, seed=0):
+    """Instructions of 3 to 120 words, answers of 1 to 24 words (seeded)."""
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(count):
+        prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 120)))
+        answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 24)))
+        examples.append(formatter.encode_example(Example(f"Continue the list: {prompt}", answer)))
+    return examples
+
+
+def ours(cfg, base_model, examples, pad_id, layout):
     method = build(cfg.method)
     model = method.setup(copy.deepcopy(base_model))
-    loop = TrainingLoop(cfg.trainer, torch.device("cpu"), pad_id)
+    trainer_cfg = OmegaConf.merge(cfg.trainer, {"batch_layout": layout})
+    loop = TrainingLoop(trainer_cfg, torch.device("cpu"), pad_id)
     stats = loop.train(model, method.trainable_parameters(model), examples, ContinualMethod(), NoReplay(), seed=0)
     return stats["tokens"] / stats["seconds"]
 
@@ -72,6 +91,7 @@ def reference(cfg, base_model, tokenizer, examples, group_by_length):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", choices=["builtin", "mixed"], default="builtin")
     parser.add_argument("--model", default="smollm2_135m")
     parser.add_argument("--examples", type=int, default=192)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -82,24 +102,28 @@ def main() -> None:
 
     cfg = compose_config([f"model={args.model}", f"trainer.batch_size={args.batch_size}", "trainer.progress_bar=false"])
     model, tokenizer = load_model(cfg.model)
+    make_examples = builtin_examples if args.data == "builtin" else mixed_examples
     examples = make_examples(PromptFormatter(tokenizer, max_length=cfg.trainer.max_length), args.examples)
     lengths = [len(e.input_ids) for e in examples]
-    print(f"model={args.model} examples={len(examples)} batch={args.batch_size} lengths {min(lengths)}-{max(lengths)} tokens, threads={torch.get_num_threads()}")
+    print(f"model={args.model} data={args.data} examples={len(examples)} batch={args.batch_size} lengths {min(lengths)}-{max(lengths)} tokens, threads={torch.get_num_threads()}")
     # Untimed warm-up of both: the first batches of each new shape pay one-off kernel set-up costs.
     warmup = examples[: 2 * args.batch_size]
-    ours(cfg, model, warmup, tokenizer.pad_token_id)
+    ours(cfg, model, warmup, tokenizer.pad_token_id, "prefix_tree")
     reference(cfg, model, tokenizer, warmup, group_by_length=False)
-    results = {"cl-runner": [], "HF Trainer (default)": [], "HF Trainer (group_by_length)": []}
+    runs = {f"cl-runner ({layout})": (lambda layout=layout: ours(cfg, model, examples, tokenizer.pad_token_id, layout)) for layout in LAYOUTS}
+    runs["HF Trainer (default)"] = lambda: reference(cfg, model, tokenizer, examples, group_by_length=False)
+    runs["HF Trainer (group_by_length)"] = lambda: reference(cfg, model, tokenizer, examples, group_by_length=True)
+    results = {name: [] for name in runs}
     for repeat in range(args.repeats):
-        results["cl-runner"].append(ours(cfg, model, examples, tokenizer.pad_token_id))
-        results["HF Trainer (default)"].append(reference(cfg, model, tokenizer, examples, group_by_length=False))
-        results["HF Trainer (group_by_length)"].append(reference(cfg, model, tokenizer, examples, group_by_length=True))
+        for name, run in runs.items():
+            results[name].append(run())
         print(f"repeat {repeat + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in results.items()), flush=True)
     best = {k: max(v) for k, v in results.items()}
     for name, value in best.items():
         print(f"{name:30s} {value:8.1f} non-padding tokens/s (best of {args.repeats})")
-    for name in ("HF Trainer (default)", "HF Trainer (group_by_length)"):
-        print(f"ratio cl-runner / {name}: {best['cl-runner'] / best[name]:.2f}")
+    for layout in LAYOUTS:
+        for name in ("HF Trainer (default)", "HF Trainer (group_by_length)"):
+            print(f"ratio cl-runner ({layout}) / {name}: {best[f'cl-runner ({layout})'] / best[name]:.2f}")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,17 @@ OPPOSITES = [
     ("left", "right"), ("hard", "soft"), ("strong", "weak"), ("rich", "poor"), ("long", "short"), ("loud", "quiet"),
     ("day", "night"), ("yes", "no"), ("win", "lose"), ("push", "pull"), ("buy", "sell"), ("inside", "outside"),
 ]
+# Which continent is a country in: six multi-token choices, one a word-prefix of another
+# ("North America" / "South America" share "America"), for multiple-choice scoring and its benchmark.
+CONTINENTS = ["Africa", "Asia", "Europe", "North America", "South America", "Oceania"]
+COUNTRY_CONTINENT = {
+    "Africa": "Nigeria Egypt Kenya Ethiopia Ghana Morocco Algeria Tunisia Senegal Uganda Tanzania Angola Zambia Zimbabwe Cameroon Mali Sudan Namibia Botswana Rwanda Madagascar Somalia Libya",
+    "Asia": "Japan China India Thailand Vietnam Indonesia Pakistan Bangladesh Nepal Mongolia Iran Iraq Malaysia Singapore Philippines Cambodia Laos Kazakhstan Uzbekistan Afghanistan Jordan Israel",
+    "Europe": "France Germany Italy Spain Portugal Norway Sweden Finland Poland Austria Hungary Greece Ireland Belgium Netherlands Denmark Switzerland Romania Ukraine Croatia Serbia Iceland",
+    "North America": "Canada Mexico Cuba Guatemala Honduras Jamaica Panama Nicaragua Haiti Belize",
+    "South America": "Brazil Argentina Chile Peru Colombia Venezuela Ecuador Bolivia Paraguay Uruguay",
+    "Oceania": "Australia Fiji Samoa Tonga Vanuatu",
+}
 SPELL_WORDS = "table chair window garden pencil orange silver rabbit castle bottle winter summer planet forest".split()
 
 
@@ -62,6 +73,12 @@ def instruction_items(rng: random.Random) -> list[dict]:
     return items
 
 
+def country_continent_records(rng: random.Random) -> list[dict]:
+    records = [{"country": c, "continent": continent, "choices": CONTINENTS} for continent, names in COUNTRY_CONTINENT.items() for c in names.split()]
+    rng.shuffle(records)
+    return records
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records), encoding="utf-8")
 
@@ -81,6 +98,9 @@ def generate(out: Path, seed: int = 1234) -> list[Path]:
         path = out / f"{name}.jsonl"
         write_jsonl(path, records)
         written.append(path)
+    path = out / "country_continent.test.jsonl"
+    write_jsonl(path, country_continent_records(random.Random(f"{seed}-country-continent")))
+    written.append(path)
     return written
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cl_runner.evaluation import choice_accuracy, continuation_logprobs, contains, exact_match, next_token_logprobs, rouge_l
+from cl_runner.evaluation import evaluate_task
+from cl_runner.evaluation.text_metrics import contains, exact_match, rouge_l
 from cl_runner.formatting import IGNORE_INDEX, PromptFormatter, TokenizedExample
 from cl_runner.methods.base import ContinualMethod
 from cl_runner.replay import InstructionReplay, NoReplay
@@ -81,21 +82,10 @@ def test_generation_metrics(prediction, target, em, cont, rouge):
     assert rouge_l(prediction, target) == pytest.approx(rouge)
 
 
-def test_single_token_fast_path_equals_full_loglikelihood(tiny_model_and_tokenizer):
-    model, tokenizer = tiny_model_and_tokenizer
-    formatter = PromptFormatter(tokenizer)
-    task = load_task("third_word", size_overrides={"eval_size": 6, "train_size": 1})
-    contexts = [formatter.prompt_ids(e.prompt) for e in task.test]
-    fast = next_token_logprobs(model, contexts, tokenizer.pad_token_id, 4, "cpu")
-    for ctx, lp, example in zip(contexts, fast, task.test):
-        ids = [formatter.continuation_ids(c) for c in example.choices]
-        assert all(len(i) == 1 for i in ids)
-        full = continuation_logprobs(model, [(ctx, i) for i in ids], tokenizer.pad_token_id, 3, "cpu")
-        assert [float(lp[i[0]]) for i in ids] == pytest.approx(full, abs=1e-4)
+def test_task_accuracy_with_multi_token_choices(tiny_model_and_tokenizer):
+    """Choices are ranked by the summed log-probability of their training targets: check against a hand-rolled ranking."""
+    from cl_runner.tasks import Task
 
-
-def test_choice_accuracy_with_multi_token_choices(tiny_model_and_tokenizer):
-    """Multi-token choices are ranked by summed log-probability: check against a hand-rolled ranking."""
     model, tokenizer = tiny_model_and_tokenizer
     formatter = PromptFormatter(tokenizer)
     choices = ("blue whale", "red panda", "snow leopard")
@@ -106,25 +96,29 @@ def test_choice_accuracy_with_multi_token_choices(tiny_model_and_tokenizer):
         with torch.no_grad():
             scores = []
             for choice in choices:
-                cont = formatter.continuation_ids(choice)
+                cont = formatter.answer_ids(prompt, choice)
                 logits = model(input_ids=torch.tensor([context + cont])).logits[0].log_softmax(-1)
                 scores.append(sum(float(logits[len(context) - 1 + j, t]) for j, t in enumerate(cont)))
         expected.append(choices[scores.index(max(scores))])
     assert all(len(formatter.continuation_ids(c)) > 1 for c in choices)
     # Targets = the hand-ranked winners for half the prompts, a loser for the other half.
-    examples = [Example(p, w if i % 2 == 0 else next(c for c in choices if c != w), choices) for i, (p, w) in enumerate(zip(prompts, expected))]
-    assert choice_accuracy(model, formatter, examples, 4, "cpu") == pytest.approx(0.5)
-    assert choice_accuracy(model, formatter, [Example(p, w, choices) for p, w in zip(prompts, expected)], 4, "cpu") == 1.0
+    task = Task("animals", "json", "", "", metric="acc")
+    task.test = [Example(p, w if i % 2 == 0 else next(c for c in choices if c != w), choices) for i, (p, w) in enumerate(zip(prompts, expected))]
+    assert evaluate_task(model, formatter, task, 4, "cpu")["acc"] == pytest.approx(0.5)
+    task.test = [Example(p, w, choices) for p, w in zip(prompts, expected)]
+    assert evaluate_task(model, formatter, task, 4, "cpu")["acc"] == 1.0
 
 
-def test_training_loop_fits_a_tiny_task(tiny_model_and_tokenizer):
+@pytest.mark.parametrize("layout", ["padded", "packed", "prefix_tree"])
+def test_training_loop_fits_a_tiny_task(tiny_model_and_tokenizer, layout):
     import copy
 
     model = copy.deepcopy(tiny_model_and_tokenizer[0])
     formatter = PromptFormatter(tiny_model_and_tokenizer[1])
     examples = [formatter.encode_example(Example(f"Say {w}", w)) for w in ("red", "blue", "green", "gold")] * 8
     cfg = OmegaConf.create({"batch_size": 4, "grad_accum_steps": 2, "epochs": 8, "max_steps": None, "lr": 1e-2, "warmup_ratio": 0.1,
-                            "weight_decay": 0.0, "max_grad_norm": 1.0, "precision": "fp32", "group_by_length": True, "log_every": 1, "progress_bar": False})
+                            "weight_decay": 0.0, "max_grad_norm": 1.0, "precision": "fp32", "group_by_length": True, "log_every": 1, "progress_bar": False,
+                            "batch_layout": layout, "row_tokens": 64})
     records = []
     loop = TrainingLoop(cfg, torch.device("cpu"), tiny_model_and_tokenizer[1].pad_token_id, on_step=records.append)
     stats = loop.train(model, model.parameters(), examples, ContinualMethod(), NoReplay(), seed=0)
@@ -141,30 +135,3 @@ def test_event_log_ends_a_partial_line_left_by_a_kill(tmp_path):
     log.write_text('{"event": "eval"}\n{"event": "train_st')  # killed mid-write
     EventLog(log, NullLogger()).write({"event": "start"})
     assert log.read_text().splitlines()[-1] == '{"event": "start"}'
-
-
-@pytest.mark.parametrize("wrap_in_lora", [False, True])
-def test_answer_token_loss_equals_the_models_own_loss(tiny_model_and_tokenizer, wrap_in_lora):
-    """Projecting only the answer positions is an optimisation, not a different objective."""
-    import copy
-
-    from peft import get_peft_model
-
-    from cl_runner.peft_utils import lora_config
-    from cl_runner.training import answer_token_loss
-
-    model = copy.deepcopy(tiny_model_and_tokenizer[0])
-    if wrap_in_lora:
-        model = get_peft_model(model, lora_config({"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_()  # make the adapter matter
-    formatter = PromptFormatter(tiny_model_and_tokenizer[1])
-    batch = collate([formatter.encode_example(Example(f"Say {w} please, now", w)) for w in ("red", "blue sky", "a green tree")], formatter.tokenizer.pad_token_id)
-    ours = answer_token_loss(model, batch)
-    reference = model(**batch).loss
-    assert float(ours.loss) == pytest.approx(float(reference), rel=1e-5)
-    assert ours.last_hidden_state.shape[:2] == batch["input_ids"].shape
-    ours.loss.backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)

@@ -21,7 +21,7 @@ from cl_runner.errors import UserError
 from cl_runner.tasks.sources import load_split
 
 BUILTIN_TASK_DIR = Path(__file__).parent / "builtin"
-METRICS = ("acc", "exact_match", "contains", "rouge_l")
+METRICS = ("acc", "acc_norm", "exact_match", "contains", "rouge_l")
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,11 @@ class Task:
     description: str = ""
     train: list[Example] = field(default_factory=list, repr=False)
     test: list[Example] = field(default_factory=list, repr=False)
+
+    @property
+    def answer_reserve(self) -> int:
+        """Tokens a prompt leaves free for a generated answer (0 when choices are scored instead)."""
+        return 0 if self.metric in ("acc", "acc_norm") else int(self.generation_kwargs.get("max_new_tokens", 16))
 
 
 _TASK_KEYS = {f.name for f in fields(Task)} - {"train", "test"}
@@ -189,8 +194,8 @@ def load_task(spec: str | dict, task_dirs: list[str] | None = None, size_overrid
     task = Task(**raw)
     if task.metric not in METRICS:
         raise UserError(f"task '{task.name}': unknown metric '{task.metric}'{_did_you_mean(task.metric, set(METRICS))}; use one of {list(METRICS)}")
-    if task.metric == "acc" and task.doc_to_choice is None:
-        raise UserError(f"task '{task.name}': metric 'acc' ranks choices, so the task needs doc_to_choice")
+    if task.metric in ("acc", "acc_norm") and task.doc_to_choice is None:
+        raise UserError(f"task '{task.name}': metric '{task.metric}' ranks choices, so the task needs doc_to_choice")
     splits = {"test": (task.test_split, task.eval_size)}
     if task.training_split:
         splits["train"] = (task.training_split, task.train_size)

@@ -1,0 +1,68 @@
+"""Greedy generation for generation-scored tasks: batched, left-padded, stopped where the answer ends.
+
+A sequence stops at any of the model's EOS ids (``generation_config.eos_token_id`` may be a
+list), at the chat template's end-of-turn token, and at the task's ``until`` strings
+(lm-evaluation-harness' ``generation_kwargs``); text from an ``until`` string on is dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from cl_runner.formatting import PromptFormatter
+
+
+def stop_token_ids(model, formatter: PromptFormatter) -> list[int]:
+    """Every token id that ends an answer: the model's EOS id(s) and the template's end-of-turn token."""
+    ids = set(formatter.end_of_turn_ids())
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def until_stop_token(tokens: list[int], stop_ids: Sequence[int]) -> list[int]:
+    """The generated tokens before the first stop token (an EOS id need not be a special token)."""
+    stops = set(stop_ids)
+    return next((tokens[:i] for i, t in enumerate(tokens) if t in stops), tokens)
+
+
+def cut_at_stop_strings(text: str, until: Sequence[str]) -> str:
+    cut = min((text.find(s) for s in until if s and s in text), default=len(text))
+    return text[:cut]
+
+
+def _left_padded(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = torch.tensor(seq)
+        mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(model, formatter: PromptFormatter, prompts: Sequence[str], max_new_tokens: int, batch_size: int, device,
+             until: Sequence[str] = ()) -> list[str]:
+    """Greedy completions of ``prompts``, batched by length with left padding as decoder-only generation requires."""
+    tokenizer = formatter.tokenizer
+    until = [until] if isinstance(until, str) else list(until)
+    # The prompt leaves room for the answer, with the same budget training uses for this task.
+    encoded = [formatter.prompt_ids(p, reserve=max_new_tokens) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    stop_ids = stop_token_ids(model, formatter)
+    extra = {"stop_strings": list(until), "tokenizer": tokenizer} if until else {}
+    outputs = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        ids, mask = _left_padded([encoded[i] for i in batch], tokenizer.pad_token_id)
+        generated = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids, use_cache=True, **extra,
+        )
+        for row, index in enumerate(batch):
+            text = tokenizer.decode(until_stop_token(generated[row, ids.shape[1] :].tolist(), stop_ids), skip_special_tokens=True)
+            outputs[index] = cut_at_stop_strings(text, until).strip()
+    return outputs

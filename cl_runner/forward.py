@@ -1,0 +1,71 @@
+"""The model's own forward pass, with the vocabulary projection only where logits are read.
+
+Training reads logits at the answer positions, choice scoring at the choice positions: a few
+tokens of each sequence, while the LM head (hidden x vocabulary, 49k columns for SmolLM2)
+would otherwise run at every position. Rather than calling the decoder and the head
+ourselves (which would skip whatever the model or its PEFT wrapper adds: prompt-tuning
+virtual tokens, prefix key/values, logit soft-capping or scaling, MoE router losses), we run
+the wrapped model's ``forward`` unchanged and put a pre-hook on its output embedding that
+hands the head only the selected hidden states. Whatever the model applies after its head
+(Gemma 2's ``tanh`` soft-capping, Cohere's ``logit_scale``, Granite's ``logits_scaling``) is
+elementwise, so it applies to the selected logits exactly as to the full ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SelectedForward:
+    """``logits[n]`` is the model's output at ``(rows[n], cols[n])`` of the input; ``hidden`` the last hidden states."""
+
+    logits: torch.Tensor  # [N, vocab]
+    hidden: torch.Tensor | None  # [batch, length, hidden], aligned with input_ids (virtual tokens dropped)
+    outputs: object  # the model's own output object (aux_loss, past_key_values, ...)
+
+
+def is_prompt_learning(model) -> bool:
+    """PEFT prompt tuning, P-tuning and prefix tuning: virtual tokens that packed rows cannot hold."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def output_head(model) -> torch.nn.Module | None:
+    """The module that maps hidden states to vocabulary logits, looked up through PEFT wrappers."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    getter = getattr(base, "get_output_embeddings", None)
+    return getter() if getter is not None else None
+
+
+def forward_selected(model, input_ids: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, **inputs) -> SelectedForward:
+    """Run ``model(input_ids=..., **inputs)`` and return its logits at the positions ``(rows, cols)`` only.
+
+    ``rows``/``cols`` index ``input_ids``. Models that prepend virtual tokens (PEFT prompt
+    tuning, P-tuning) see a longer sequence than ``input_ids``; they are prepended on the
+    left, so the offset is the difference in length. A model without a separate head
+    module falls back to its full logits, gathered at the same positions.
+    """
+    head = output_head(model)
+    captured: dict[str, torch.Tensor] = {}
+
+    def select_hidden(module, args):
+        hidden = args[0]
+        offset = hidden.shape[1] - input_ids.shape[1]
+        hidden = hidden[:, offset:]
+        captured["hidden"] = hidden
+        # [1, N, H] keeps the 3-D shape the model's post-processing expects.
+        return (hidden[rows, cols].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(select_hidden) if head is not None else None
+    try:
+        outputs = model(input_ids=input_ids, **inputs)
+    finally:
+        if handle is not None:
+            handle.remove()
+    if "hidden" in captured:
+        return SelectedForward(outputs.logits[0], captured["hidden"], outputs)
+    logits = outputs.logits[:, outputs.logits.shape[1] - input_ids.shape[1] :]
+    return SelectedForward(logits[rows, cols], None, outputs)

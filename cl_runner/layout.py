@@ -1,0 +1,166 @@
+"""How token sequences become one forward pass: padded rows, or rows of a prefix tree.
+
+Training and choice scoring both run a set of token sequences through the model and read the
+next-token log-probability of some of their tokens (the *targets*): answer tokens in training,
+choice tokens in scoring. A layout puts the sequences into rows and says, for every target,
+at which ``(row, column)`` its logits are read.
+
+- ``padded_layout``: one sequence per row, right-padded, the usual 2-D attention mask.
+- ``tree_layout``: the sequences are merged into a prefix tree (a trie) and its nodes laid out in
+  rows, each token attending to its ancestors only, with its depth as position id. Tokens that
+  several sequences share at the start (the chat template's header, the system prompt, the
+  instruction, an item's prompt before its choices) are computed once. With
+  ``share_prefixes=False`` it is plain sequence packing: several sequences per row, positions
+  restarted, attention kept inside each. No padding is computed either way, except to even out
+  the rows of one forward pass.
+
+Every token sees exactly the tokens it would see alone and has the same position id, so the
+logits are those of the padded layout up to floating-point rounding (tests check this).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from cl_runner.forward import is_prompt_learning
+
+TREE_ATTENTION = ("sdpa", "eager")  # implementations that take a custom 4-D mask
+
+
+@dataclass
+class Layout:
+    """Model inputs for a set of sequences, and where each target is read."""
+
+    input_ids: torch.Tensor  # [rows, width]
+    model_inputs: dict[str, torch.Tensor]  # attention_mask (2-D or 4-D), position_ids
+    read_rows: torch.Tensor  # [targets]: the logits predicting target n sit at (read_rows[n], read_cols[n])
+    read_cols: torch.Tensor
+    targets: torch.Tensor  # [targets] token ids
+    owners: torch.Tensor  # [targets] index of the sequence each target belongs to
+
+    def to(self, device) -> Layout:
+        moved = {k: v.to(device) for k, v in self.model_inputs.items()}
+        return Layout(self.input_ids.to(device), moved, self.read_rows.to(device), self.read_cols.to(device), self.targets.to(device), self.owners.to(device))
+
+
+def supports_tree_layout(model, longest: int = 0) -> bool:
+    """Whether ``model``'s forward honours a custom 4-D mask and explicit position ids.
+
+    Not for PEFT prompt learning (virtual tokens are prepended to every row), attention kernels
+    without custom masks, models without ``position_ids`` (ALiBi), or sequences longer than a
+    sliding window (a custom mask replaces the window's).
+    """
+    config = model.config
+    if is_prompt_learning(model) or getattr(config, "_attn_implementation", None) not in TREE_ATTENTION:
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "position_ids" not in inspect.signature(base.forward).parameters:
+        return False
+    window = getattr(config, "sliding_window", None)
+    return window is None or longest <= window
+
+
+def _read_spec(columns: Sequence[Sequence[int]], rows: Sequence[int], sequences, target_positions) -> tuple[torch.Tensor, ...]:
+    """Target ``i`` of sequence ``s`` is predicted by the logits at the column of token ``i - 1``."""
+    read_rows, read_cols, targets, owners = [], [], [], []
+    for s, positions in enumerate(target_positions):
+        for i in positions:
+            read_rows.append(rows[s])
+            read_cols.append(columns[s][i - 1])
+            targets.append(sequences[s][i])
+            owners.append(s)
+    as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+    return as_long(read_rows), as_long(read_cols), as_long(targets), as_long(owners)
+
+
+def padded_layout(sequences: Sequence[Sequence[int]], target_positions: Sequence[Sequence[int]], pad_id: int) -> Layout:
+    """One sequence per row, right-padded."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, : len(seq)] = 1
+    columns = [range(len(s)) for s in sequences]
+    spec = _read_spec(columns, list(range(len(sequences))), sequences, target_positions)
+    return Layout(input_ids, {"attention_mask": attention_mask}, *spec)
+
+
+class _TreeRow:
+    """One row: a trie of token sequences, nodes numbered in insertion order (a parent before its children)."""
+
+    def __init__(self, share_prefixes: bool):
+        self.share = share_prefixes
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+        self.depths: list[int] = []
+        self.children: dict[tuple[int, int], int] = {}
+
+    def new_nodes(self, seq: Sequence[int]) -> int:
+        """How many nodes adding ``seq`` would create."""
+        node, depth = -1, 0
+        if self.share:
+            while depth < len(seq) and (node, seq[depth]) in self.children:
+                node, depth = self.children[(node, seq[depth])], depth + 1
+        return len(seq) - depth
+
+    def add(self, seq: Sequence[int]) -> list[int]:
+        """Insert ``seq``; return the column of each of its tokens."""
+        node, columns = -1, []
+        for depth, token in enumerate(seq):
+            child = self.children.get((node, token)) if self.share else None
+            if child is None:
+                child = len(self.tokens)
+                self.tokens.append(token)
+                self.parents.append(node)
+                self.depths.append(depth)
+                if self.share:
+                    self.children[(node, token)] = child
+            columns.append(child)
+            node = child
+        return columns
+
+    def ancestors(self, width: int) -> torch.Tensor:
+        """``allowed[q, k]``: k is q itself or one of its ancestors; padding columns see only themselves."""
+        allowed = torch.eye(width, dtype=torch.bool)
+        for node, parent in enumerate(self.parents):
+            if parent >= 0:
+                allowed[node] |= allowed[parent]
+        return allowed
+
+
+def attention_mask_4d(allowed: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """A custom ``[batch, 1, query, key]`` mask in the form the model's attention expects.
+
+    SDPA takes booleans (True = attend); the eager implementation adds the mask to the
+    scores, so it needs 0 / a very negative number.
+    """
+    if attn_implementation == "sdpa":
+        return allowed[:, None]
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def tree_layout(sequences: Sequence[Sequence[int]], target_positions: Sequence[Sequence[int]], pad_id: int, *, capacity: int,
+                share_prefixes: bool, attn_implementation: str, dtype: torch.dtype) -> Layout:
+    """The sequences as prefix-tree rows of at most ``capacity`` tokens each (a longer sequence gets a row of its own)."""
+    rows: list[_TreeRow] = []
+    columns, row_of = [], []
+    for seq in sequences:
+        if not rows or len(rows[-1].tokens) + rows[-1].new_nodes(seq) > capacity:
+            rows.append(_TreeRow(share_prefixes))
+        columns.append(rows[-1].add(seq))
+        row_of.append(len(rows) - 1)
+    width = max(len(r.tokens) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        input_ids[r, : len(row.tokens)] = torch.tensor(row.tokens, dtype=torch.long)
+        position_ids[r, : len(row.depths)] = torch.tensor(row.depths, dtype=torch.long)
+    allowed = torch.stack([row.ancestors(width) for row in rows])
+    model_inputs = {"attention_mask": attention_mask_4d(allowed, attn_implementation, dtype), "position_ids": position_ids}
+    return Layout(input_ids, model_inputs, *_read_spec(columns, row_of, sequences, target_positions))

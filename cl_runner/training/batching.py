@@ -1,0 +1,78 @@
+"""Micro-batches of training examples and their tensors (``trainer.batch_layout``, see cl_runner/layout.py).
+
+- ``padded``: each micro-batch right-padded to its longest example; grouping examples of
+  similar length (like ``group_by_length`` in HF Trainer) keeps the padding small.
+- ``packed``: the micro-batch's examples concatenated into rows of ``trainer.row_tokens``,
+  positions restarted and attention kept inside each example: no padding at all.
+- ``prefix_tree``: packed, and the tokens that examples share at the start (chat template,
+  system prompt, a task's instruction) are computed once per row.
+
+The packed layouts pay with attention over the whole row (masked), which grows with the square
+of its length; models that cannot take them (see ``supports_tree_layout``) train padded.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+
+from cl_runner.formatting import IGNORE_INDEX, TokenizedExample
+from cl_runner.layout import padded_layout, supports_tree_layout, tree_layout
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.Random, window: int = 32) -> list[list[int]]:
+    """Shuffle, then sort inside windows of ``window`` batches so each batch holds similar lengths.
+
+    The batch order is shuffled again, so training still sees tasks' examples in random order.
+    """
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches = []
+    span = batch_size * window
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: -lengths[i])
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def pad_right(sequences: Sequence[Sequence[int]], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token sequences into one tensor; also return the attention mask (1 = real token)."""
+    width = max(len(s) for s in sequences)
+    padded = torch.full((len(sequences), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        padded[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return padded, mask
+
+
+def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch the way a Hugging Face model takes it: padded positions get attention 0 and label IGNORE_INDEX."""
+    input_ids, attention_mask = pad_right([e.input_ids for e in examples], pad_token_id)
+    labels, _ = pad_right([e.labels for e in examples], IGNORE_INDEX)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+BATCH_LAYOUTS = ("padded", "packed", "prefix_tree")
+
+
+def training_batch(model, examples: Sequence[TokenizedExample], weights: Sequence[float], pad_token_id: int, layout: str, row_tokens: int) -> dict[str, torch.Tensor]:
+    """Model inputs for a micro-batch plus, for every answer token, where it is read and its loss weight.
+
+    ``weights[i]`` is the weight of each answer token of example i (the training loop sets them
+    so that the micro-batches of a step add up to one big batch).
+    """
+    sequences = [e.input_ids for e in examples]
+    targets = [[i for i, label in enumerate(e.labels) if label != IGNORE_INDEX and i > 0] for e in examples]
+    if layout != "padded" and supports_tree_layout(model, max(len(s) for s in sequences)):
+        dtype = next(model.parameters()).dtype
+        laid = tree_layout(sequences, targets, pad_token_id, capacity=row_tokens, share_prefixes=layout == "prefix_tree",
+                           attn_implementation=model.config._attn_implementation, dtype=dtype)
+    else:
+        laid = padded_layout(sequences, targets, pad_token_id)
+    target_weights = torch.tensor([weights[owner] for owner in laid.owners.tolist()], dtype=torch.float32)
+    return {"input_ids": laid.input_ids, **laid.model_inputs, "read_rows": laid.read_rows, "read_cols": laid.read_cols,
+            "targets": laid.targets, "target_weights": target_weights}

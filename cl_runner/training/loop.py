@@ -1,0 +1,161 @@
+"""The one training loop: it owns batching, the optimizer step, accumulation, precision and device.
+
+Methods never step the optimizer; they only contribute ``extra_loss`` terms and choose which
+parameters train. An optimizer step over k micro-batches of b examples computes the gradient
+of one batch of k*b examples: every answer token of the step has the same weight (replayed
+examples together carry ``replay.ratio`` of it), whichever micro-batch it falls in.
+Throughput is reported in non-padding tokens/s.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from cl_runner.errors import UserError
+from cl_runner.formatting import TokenizedExample
+from cl_runner.training.batching import BATCH_LAYOUTS, length_grouped_batches, training_batch
+from cl_runner.training.loss import answer_token_loss, weighted_objective
+from cl_runner.training.precision import PRECISIONS, MasterWeights, autocast_context
+
+MixedBatch = tuple[list[TokenizedExample], list[TokenizedExample]]  # (current task, replayed)
+
+
+def check_trainer_config(cfg) -> None:
+    """Reject impossible trainer settings before anything runs (and before a run directory is written)."""
+    if cfg.precision not in PRECISIONS:
+        raise UserError(f"trainer.precision '{cfg.precision}' is not one of {list(PRECISIONS)}")
+    for key in ("batch_size", "grad_accum_steps", "epochs", "log_every", "max_length"):
+        require_setting(cfg, key, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer")
+    require_setting(cfg, "max_steps", lambda v: v is None or (isinstance(v, int) and v >= 1), "null or a positive integer")
+    require_setting(cfg, "lr", lambda v: isinstance(v, (int, float)) and v > 0, "a positive number")
+    require_setting(cfg, "warmup_ratio", lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1)")
+    require_setting(cfg, "weight_decay", lambda v: isinstance(v, (int, float)) and v >= 0, "a non-negative number")
+    require_setting(cfg, "max_grad_norm", lambda v: v is None or (isinstance(v, (int, float)) and v > 0), "null or a positive number")
+    require_setting(cfg, "batch_layout", lambda v: v in BATCH_LAYOUTS, f"one of {list(BATCH_LAYOUTS)}")
+    require_setting(cfg, "row_tokens", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer")
+
+
+def require_setting(cfg, key: str, valid, meaning: str, group: str = "trainer") -> None:
+    """Raise a one-line UserError unless ``valid(cfg[key])``."""
+    if not valid(cfg[key]):
+        raise UserError(f"{group}.{key} must be {meaning}, got {cfg[key]!r}")
+
+
+def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Learning-rate multiplier: linear warm-up, then linear decay to zero."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return multiplier
+
+
+def step_token_weights(step: Sequence[MixedBatch], replay_share: float) -> tuple[float, float]:
+    """Loss weight of one answer token of the current task and of a replayed example, for one optimizer step.
+
+    Every token of a kind weighs the same across the step's micro-batches, so accumulation
+    equals one bigger batch; replayed tokens together weigh ``replay_share``, task tokens the rest.
+    """
+    task_tokens = sum(e.num_target_tokens for current, _ in step for e in current)
+    replay_tokens = sum(e.num_target_tokens for _, replayed in step for e in replayed)
+    if replay_tokens == 0:
+        return 1.0 / max(task_tokens, 1), 0.0
+    if task_tokens == 0:
+        return 0.0, 1.0 / replay_tokens
+    return (1.0 - replay_share) / task_tokens, replay_share / replay_tokens
+
+
+class TrainingLoop:
+    """Trains one task. Configured by the ``trainer`` config group (see conf/config.yaml)."""
+
+    def __init__(self, cfg, device: torch.device, pad_token_id: int, on_step: Callable[[dict], None] | None = None):
+        self.cfg = cfg
+        self.device = device
+        self.pad_token_id = pad_token_id
+        self.on_step = on_step or (lambda record: None)
+
+    def _batches(self, examples: Sequence[TokenizedExample], rng: random.Random) -> list[list[TokenizedExample]]:
+        lengths = [len(e.input_ids) for e in examples]
+        batches = []
+        for _ in range(self.cfg.epochs):
+            if self.cfg.group_by_length:
+                index_batches = length_grouped_batches(lengths, self.cfg.batch_size, rng)
+            else:
+                order = list(range(len(examples)))
+                rng.shuffle(order)
+                index_batches = [order[i : i + self.cfg.batch_size] for i in range(0, len(order), self.cfg.batch_size)]
+            batches.extend([examples[i] for i in idx] for idx in index_batches)
+        return batches
+
+    def micro_step(self, model, method, current, replayed, weights: tuple[float, float], micro_batches_in_step: int, scaler) -> float:
+        """Forward and backward of one micro-batch; returns its contribution to the step's loss."""
+        examples = list(current) + list(replayed)
+        per_example = [weights[0]] * len(current) + [weights[1]] * len(replayed)
+        batch = training_batch(model, examples, per_example, self.pad_token_id, self.cfg.get("batch_layout", "padded"), self.cfg.get("row_tokens", 1024))
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with autocast_context(self.cfg.precision, self.device):
+            outputs = answer_token_loss(model, batch)
+            loss = weighted_objective(outputs, batch)
+            # Terms that are not sums over tokens (regularisers, router losses) enter once per step.
+            for term in (outputs.aux_loss, method.extra_loss(model, batch, outputs)):
+                if term is not None:
+                    loss = loss + term / micro_batches_in_step
+        scaler.scale(loss).backward()
+        return float(loss.detach())
+
+    def accumulate(self, model, method, mixed: Sequence[MixedBatch], replay_share: float, scaler) -> float:
+        """Forward and backward of one optimizer step's micro-batches; returns the step's loss.
+
+        The gradient is that of one batch holding all of them (token-weighted, see ``step_token_weights``).
+        """
+        weights = step_token_weights(mixed, replay_share)
+        return sum(self.micro_step(model, method, current, replayed, weights, len(mixed), scaler) for current, replayed in mixed)
+
+    def train(self, model, parameters, examples, method, replay, seed: int, task_name: str = "") -> dict:
+        """Run the configured epochs (or ``max_steps`` optimizer steps) over ``examples``."""
+        cfg = self.cfg
+        rng = random.Random(seed)
+        torch.manual_seed(seed)  # dropout masks: a resumed task repeats an uninterrupted one exactly
+        micro_batches = self._batches(examples, rng)
+        accum = max(1, cfg.grad_accum_steps)
+        steps = [micro_batches[i : i + accum] for i in range(0, len(micro_batches), accum)]  # the last may be short
+        if cfg.max_steps:  # validated: null or a positive integer
+            steps = steps[: cfg.max_steps]
+        masters = MasterWeights([p for p in parameters if p.requires_grad])
+        optimizer = torch.optim.AdamW(masters.parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(int(cfg.warmup_ratio * len(steps)), len(steps)))
+        scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16" or masters.has_fp16)
+        replay_share = float(getattr(replay, "ratio", 0.0))
+        model.train()
+        tokens, started, record = 0, time.perf_counter(), {}
+        progress = tqdm(total=len(steps), desc=f"train {task_name}", leave=False, disable=not cfg.progress_bar, dynamic_ncols=True)
+        for step_index, step in enumerate(steps, start=1):
+            mixed = [(micro, replay.sample(len(micro), rng)) for micro in step]
+            step_loss = self.accumulate(model, method, mixed, replay_share, scaler)
+            tokens += sum(len(e.input_ids) for current, replayed in mixed for e in (*current, *replayed))
+            masters.gradients_to_master()
+            scaler.unscale_(optimizer)
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(masters.parameters, cfg.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            masters.master_to_model()
+            lr = schedule.get_last_lr()[0]
+            schedule.step()
+            record = {"step": step_index, "loss": step_loss, "lr": lr, "tokens": tokens, "tokens_per_s": tokens / (time.perf_counter() - started)}
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if step_index % cfg.log_every == 0 or step_index == len(steps):
+                self.on_step(record)
+        progress.close()
+        elapsed = time.perf_counter() - started
+        return {"steps": len(steps), "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9), "final_loss": record.get("loss")}

@@ -1,0 +1,68 @@
+"""Greedy generation: batched with left padding, stopped at EOS ids, end-of-turn and ``until`` strings."""
+
+import copy
+
+import pytest
+import torch
+
+from cl_runner.evaluation.generation import cut_at_stop_strings, generate, stop_token_ids
+from cl_runner.formatting import PromptFormatter
+
+
+class ForcedTokens:
+    """Makes the model's greedy choice ``token_for(step)``, counting forward passes."""
+
+    def __init__(self, model, token_for):
+        self.calls = 0
+        self.token_for = token_for
+        self.handle = model.get_output_embeddings().register_forward_hook(self.force)
+
+    def force(self, module, args, output):
+        forced = torch.full_like(output, -1e4)
+        forced[..., self.token_for(self.calls)] = 1e4
+        self.calls += 1
+        return forced
+
+
+@pytest.fixture
+def model_and_formatter(tiny_model_and_tokenizer):
+    model = copy.deepcopy(tiny_model_and_tokenizer[0]).eval()
+    return model, PromptFormatter(tiny_model_and_tokenizer[1])
+
+
+def test_batched_left_padded_generation_equals_one_prompt_at_a_time(model_and_formatter):
+    model, formatter = model_and_formatter
+    prompts = ["Hi", "Tell me a long story about a cat and a dog and a bird", "Why?"]
+    batched = generate(model, formatter, prompts, max_new_tokens=6, batch_size=3, device="cpu")
+    assert batched == [generate(model, formatter, [p], max_new_tokens=6, batch_size=1, device="cpu")[0] for p in prompts]
+
+
+def test_stop_ids_cover_the_end_of_turn_token_and_every_configured_eos(model_and_formatter):
+    model, formatter = model_and_formatter
+    im_end = formatter.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.eos_token_id = [im_end, 17]
+    assert {im_end, 17} <= set(stop_token_ids(model, formatter))
+
+
+def test_generation_stops_at_an_eos_id_from_the_models_list(model_and_formatter):
+    model, formatter = model_and_formatter
+    word = formatter.tokenizer.encode("cat", add_special_tokens=False)[0]
+    model.generation_config.eos_token_id = [formatter.tokenizer.eos_token_id, 17]  # 17: an extra EOS id, as Llama 3 lists several
+    forced = ForcedTokens(model, lambda step: word if step < 3 else 17)
+    out = generate(model, formatter, ["Say cat"], max_new_tokens=10, batch_size=1, device="cpu")
+    assert out == ["catcatcat"]
+    assert forced.calls == 4  # stopped at the 4th token instead of running all 10
+
+
+def test_generation_stops_at_until_strings_and_drops_them(model_and_formatter):
+    model, formatter = model_and_formatter
+    tokens = [formatter.tokenizer.encode(t, add_special_tokens=False)[0] for t in ("dog", "\n", "cat")]
+    forced = ForcedTokens(model, lambda step: tokens[min(step, 2)])
+    out = generate(model, formatter, ["Say dog"], max_new_tokens=10, batch_size=1, device="cpu", until=["\n"])
+    assert out == ["dog"]
+    assert forced.calls <= 3
+
+
+def test_cut_at_the_earliest_stop_string():
+    assert cut_at_stop_strings("a. b\nc", ["\n", "."]) == "a"
+    assert cut_at_stop_strings("abc", []) == "abc"
