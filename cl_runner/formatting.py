@@ -73,7 +73,7 @@ class PromptFormatter:
         key = (prompt, reserve)
         if key not in self._prompt_cache:
             self._prompt_cache[key] = self._fit_prompt(prompt, max(1, self.max_length - reserve))
-        return self._prompt_cache[key]
+        return list(self._prompt_cache[key])  # a copy: callers may extend it
 
     def _fit_prompt(self, prompt: str, budget: int) -> list[int]:
         ids = self._render_prompt(prompt)
@@ -105,7 +105,7 @@ class PromptFormatter:
         key = (prompt, answer)
         if key not in self._answer_cache:
             self._answer_cache[key] = self._answer_in_context(prompt, answer)
-        return self._answer_cache[key]
+        return list(self._answer_cache[key])
 
     def _answer_in_context(self, prompt: str, answer: str) -> list[int]:
         if self.chat:
@@ -137,14 +137,18 @@ class PromptFormatter:
         answers = [example.target, *(example.choices or ())]
         return max(reserve, *(len(self.answer_ids(example.prompt, a)) for a in answers))
 
+    def encode_prompt(self, example: Example, reserve: int = 0) -> list[int]:
+        """The example's prompt as training truncates it: room for ``reserve`` tokens, its target and each choice."""
+        return self.prompt_ids(example.prompt, self._reserve(example, reserve))
+
     def encode_example(self, example: Example, reserve: int = 0) -> TokenizedExample:
         """Prompt + target answer for training; labels only on the answer (and its end-of-turn marker)."""
-        prompt = self.prompt_ids(example.prompt, self._reserve(example, reserve))
+        prompt = self.encode_prompt(example, reserve)
         answer = self.answer_ids(example.prompt, example.target)
         return TokenizedExample(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer)
 
     def encode_choices(self, example: Example) -> ChoiceRequest:
         """The prompt, truncated exactly as in training, and every choice's in-context training target."""
-        prompt = self.prompt_ids(example.prompt, self._reserve(example, 0))
+        prompt = self.encode_prompt(example)
         return ChoiceRequest(prompt, [self.answer_ids(example.prompt, c) for c in example.choices])
 

@@ -49,22 +49,28 @@ def forward_selected(model, input_ids: torch.Tensor, rows: torch.Tensor, cols: t
     module falls back to its full logits, gathered at the same positions.
     """
     head = output_head(model)
-    captured: dict[str, torch.Tensor] = {}
+    captured: dict[str, torch.Tensor | int] = {"calls": 0}
 
-    def select_hidden(module, args):
-        hidden = args[0]
-        offset = hidden.shape[1] - input_ids.shape[1]
+    def select_hidden(module, args, kwargs):
+        captured["calls"] += 1
+        hidden = args[0] if args else kwargs.get("input")
+        offset = hidden.shape[1] - input_ids.shape[1] if hidden is not None and hidden.dim() == 3 else -1
+        if captured["calls"] > 1 or offset < 0 or hidden.shape[0] != input_ids.shape[0]:
+            return None  # not the plain [batch, length, hidden] call we expect: leave it alone (checked below)
         hidden = hidden[:, offset:]
         captured["hidden"] = hidden
         # [1, N, H] keeps the 3-D shape the model's post-processing expects.
-        return (hidden[rows, cols].unsqueeze(0), *args[1:])
+        selected = hidden[rows, cols].unsqueeze(0)
+        return ((selected, *args[1:]), kwargs) if args else (args, {**kwargs, "input": selected})
 
-    handle = head.register_forward_pre_hook(select_hidden) if head is not None else None
+    handle = head.register_forward_pre_hook(select_hidden, with_kwargs=True) if head is not None else None
     try:
         outputs = model(input_ids=input_ids, **inputs)
     finally:
         if handle is not None:
             handle.remove()
+    if captured["calls"] > 1:
+        raise RuntimeError("the model's output head ran more than once in one forward pass; cl-runner cannot tell which logits to read")
     if "hidden" in captured:
         return SelectedForward(outputs.logits[0], captured["hidden"], outputs)
     logits = outputs.logits[:, outputs.logits.shape[1] - input_ids.shape[1] :]

@@ -21,12 +21,13 @@ logits are those of the padded layout up to floating-point rounding (tests check
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from cl_runner.forward import is_prompt_learning
+from cl_runner.forward import forward_selected, is_prompt_learning
 
 TREE_ATTENTION = ("sdpa", "eager")  # implementations that take a custom 4-D mask
 
@@ -47,21 +48,63 @@ class Layout:
         return Layout(self.input_ids.to(device), moved, self.read_rows.to(device), self.read_cols.to(device), self.targets.to(device), self.owners.to(device))
 
 
+NON_ATTENTION_HINTS = ("mamba", "conv", "linear", "recurrent", "ssm", "rwkv")  # layer kinds that read the whole row in order
+_verified: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def supports_tree_layout(model, longest: int = 0) -> bool:
     """Whether ``model``'s forward honours a custom 4-D mask and explicit position ids.
 
     Not for PEFT prompt learning (virtual tokens are prepended to every row), attention kernels
-    without custom masks, models without ``position_ids`` (ALiBi), or sequences longer than a
-    sliding window (a custom mask replaces the window's).
+    without custom masks, models without ``position_ids`` (ALiBi), layers that are not
+    attention (Mamba, short convolutions: they see the whole row), MoE router losses (counted
+    over the row), or sequences longer than a sliding window (a custom mask replaces the
+    window's). What the configuration cannot tell is checked once per model: a small prefix
+    tree must give the padded layout's logits.
     """
     config = model.config
     if is_prompt_learning(model) or getattr(config, "_attn_implementation", None) not in TREE_ATTENTION:
         return False
+    if getattr(config, "output_router_logits", False) or _has_non_attention_layers(config):
+        return False
+    window = getattr(config, "sliding_window", None)
+    if window is not None and longest > window:
+        return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if "position_ids" not in inspect.signature(base.forward).parameters:
         return False
-    window = getattr(config, "sliding_window", None)
-    return window is None or longest <= window
+    if base not in _verified:
+        _verified[base] = _tree_matches_padded(model)
+    return _verified[base]
+
+
+def _has_non_attention_layers(config) -> bool:
+    kinds = []
+    for key in ("layer_types", "layers_block_type", "hybrid_override_pattern", "block_types"):
+        value = getattr(config, key, None)
+        kinds += [str(v).lower() for v in value] if isinstance(value, (list, tuple)) else [str(value).lower()] if value else []
+    return any(hint in kind for kind in kinds for hint in NON_ATTENTION_HINTS) or getattr(config, "attn_layer_indices", None) is not None
+
+
+@torch.no_grad()
+def _tree_matches_padded(model) -> bool:
+    """Run two sequences sharing a prefix both ways; the tree layout is used only if the logits agree."""
+    sequences = [[11, 12, 13, 14, 15, 16], [11, 12, 13, 17, 18]]
+    targets = [range(1, len(s)) for s in sequences]
+    was_training = model.training
+    model.eval()
+    try:
+        device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+        results = []
+        for laid in (padded_layout(sequences, targets, 0), _tree(sequences, targets, 0, 64, True, model.config._attn_implementation, dtype)):
+            laid = laid.to(device)
+            results.append(forward_selected(model, laid.input_ids, laid.read_rows, laid.read_cols, **laid.model_inputs).logits.float())
+        tolerance = 1e-4 if dtype == torch.float32 else 5e-2  # rounding only; a leak across branches is larger
+        return bool((results[0] - results[1]).abs().max() <= tolerance * results[0].abs().max() + 1e-6)
+    except Exception:  # noqa: BLE001 - a model that cannot take the layout at all is simply not given it
+        return False
+    finally:
+        model.train(was_training)
 
 
 def _read_spec(columns: Sequence[Sequence[int]], rows: Sequence[int], sequences, target_positions) -> tuple[torch.Tensor, ...]:
@@ -77,14 +120,20 @@ def _read_spec(columns: Sequence[Sequence[int]], rows: Sequence[int], sequences,
     return as_long(read_rows), as_long(read_cols), as_long(targets), as_long(owners)
 
 
+def pad_right(sequences: Sequence[Sequence[int]], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token sequences into one tensor; also return the attention mask (1 = real token)."""
+    width = max(len(s) for s in sequences)
+    padded = torch.full((len(sequences), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        padded[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return padded, mask
+
+
 def padded_layout(sequences: Sequence[Sequence[int]], target_positions: Sequence[Sequence[int]], pad_id: int) -> Layout:
     """One sequence per row, right-padded."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention_mask[row, : len(seq)] = 1
+    input_ids, attention_mask = pad_right(sequences, pad_id)
     columns = [range(len(s)) for s in sequences]
     spec = _read_spec(columns, list(range(len(sequences))), sequences, target_positions)
     return Layout(input_ids, {"attention_mask": attention_mask}, *spec)
@@ -145,8 +194,7 @@ def attention_mask_4d(allowed: torch.Tensor, attn_implementation: str, dtype: to
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def tree_layout(sequences: Sequence[Sequence[int]], target_positions: Sequence[Sequence[int]], pad_id: int, *, capacity: int,
-                share_prefixes: bool, attn_implementation: str, dtype: torch.dtype) -> Layout:
+def _tree(sequences, target_positions, pad_id: int, capacity: int, share_prefixes: bool, attn_implementation: str, dtype: torch.dtype) -> Layout:
     """The sequences as prefix-tree rows of at most ``capacity`` tokens each (a longer sequence gets a row of its own)."""
     rows: list[_TreeRow] = []
     columns, row_of = [], []
@@ -164,3 +212,40 @@ def tree_layout(sequences: Sequence[Sequence[int]], target_positions: Sequence[S
     allowed = torch.stack([row.ancestors(width) for row in rows])
     model_inputs = {"attention_mask": attention_mask_4d(allowed, attn_implementation, dtype), "position_ids": position_ids}
     return Layout(input_ids, model_inputs, *_read_spec(columns, row_of, sequences, target_positions))
+
+
+# A row of n tokens under a dense custom mask computes n * n attention pairs; on the CPU one pair
+# (score, softmax, weighted value, forward and backward, every layer) cost about 1/600 of the
+# rest of a token's work in SmolLM2-135M (measured: packed rows of ~860 tokens trained at 0.58x
+# the speed of length-grouped padded rows of ~130). The same estimate decides for any model.
+ATTENTION_PAIR_COST = 1 / 600
+
+
+def layout_cost(layout: Layout) -> float:
+    """Estimated compute of a layout, in units of one token's non-attention work."""
+    rows, width = layout.input_ids.shape
+    return rows * width * (1 + width * ATTENTION_PAIR_COST)
+
+
+def tree_layout(sequences: Sequence[Sequence[int]], target_positions: Sequence[Sequence[int]], pad_id: int, *, capacity: int,
+                share_prefixes: bool, attn_implementation: str, dtype: torch.dtype) -> Layout:
+    """The sequences as rows of a prefix tree (``share_prefixes``) or plainly packed, ``capacity`` tokens per row."""
+    return _tree(sequences, target_positions, pad_id, capacity, share_prefixes, attn_implementation, dtype)
+
+
+def cheapest_layout(model, sequences: Sequence[Sequence[int]], target_positions: Sequence[Sequence[int]], pad_id: int, capacity: int) -> Layout:
+    """The prefix tree where the model supports it and it costs less than padded rows, else padded rows.
+
+    The tree wins when sequences share long prefixes (a task's instruction, an item's choices);
+    padded rows win for long sequences with little in common, whose packed rows would pay the
+    quadratic attention over the whole row.
+    """
+    padded = padded_layout(sequences, target_positions, pad_id)
+    longest = max(len(s) for s in sequences)
+    if not supports_tree_layout(model, longest):
+        return padded
+    dtype, attn = next(model.parameters()).dtype, model.config._attn_implementation
+    # Shorter rows share less but pay less attention: try the row size and its halves.
+    capacities = sorted({c for c in (capacity, capacity // 2, capacity // 4) if c >= longest} or {capacity})
+    trees = [_tree(sequences, target_positions, pad_id, c, True, attn, dtype) for c in capacities]
+    return min([padded, *trees], key=layout_cost)

@@ -19,6 +19,10 @@ from cl_runner.atomic_io import write_dir_atomic, write_json_atomic
 
 STATE_FILE = "state.json"
 CHECKPOINT_DIR = "checkpoints"
+# Raised when what a number in the matrix means changes, so a run is never continued with rows
+# scored another way. 2: choices scored with their end-of-turn token, middle truncation,
+# token-weighted accumulation.
+FORMAT_VERSION = 2
 
 
 def flatten(tree, prefix: str = "") -> dict:
@@ -31,8 +35,8 @@ def flatten(tree, prefix: str = "") -> dict:
 
 
 def result_settings(config: dict) -> dict:
-    """The flattened settings that determine a run's results (see config.RESUME_SAFE_KEYS)."""
-    return {k: v for k, v in flatten(config).items() if not is_resume_safe(k)}
+    """The flattened settings that determine a run's results (see config.RESUME_SAFE_KEYS), and the format version."""
+    return {"cl_runner_format": FORMAT_VERSION, **{k: v for k, v in flatten(config).items() if not is_resume_safe(k)}}
 
 
 @dataclass
@@ -70,6 +74,11 @@ class RunState:
             saved = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise UserError(f"{path} is corrupt ({exc.msg}); delete the run directory to start over") from exc
+        if saved["settings"].get("cl_runner_format") != FORMAT_VERSION:
+            raise UserError(
+                f"run directory {run_dir} was written by another version of cl-runner, which scores tasks differently; "
+                "use another directory (hydra.run.dir=...) or delete this one"
+            )
         changed = sorted(k for k in set(saved["settings"]) | set(settings) if saved["settings"].get(k) != settings.get(k))
         if changed:
             detail = ", ".join(f"{k}: {saved['settings'].get(k)!r} -> {settings.get(k)!r}" for k in changed[:3])
@@ -77,7 +86,7 @@ class RunState:
                 f"run directory {run_dir} holds a run with other settings ({detail}); "
                 "use another directory (hydra.run.dir=...) or delete this one"
             )
-        state = cls(run_dir, settings, tasks, saved["acc_matrix"], saved["general"], saved.get("task_scores", []), saved["train_stats"], saved["timing"])
+        state = cls(run_dir, settings, tasks, saved["acc_matrix"], saved["general"], saved["task_scores"], saved["train_stats"], saved["timing"])
         missing = [str(p) for p in state.completed_checkpoints() if not p.is_dir()]
         if missing:
             raise UserError(f"{path} lists checkpoints that are missing ({missing[0]}); delete the run directory to start over")

@@ -7,7 +7,7 @@ examples and the same batch size, for one epoch each, after an untimed warm-up, 
 them. ``--data builtin``: the built-in tasks mixed with the general-instruction data (45-56
 tokens); ``--data mixed``: seeded synthetic instructions of 3 to 120 words with answers of 1 to
 24 words, all through the chat template. cl-runner runs in each ``trainer.batch_layout``
-(padded, packed, prefix_tree), the reference pads each batch to its longest example
+(padded, packed, prefix_tree, auto), the reference pads each batch to its longest example
 (DataCollatorForSeq2Seq), as the Trainer does by default, and also runs with
 train_sampling_strategy="group_by_length". Reported: non-padding tokens per second, best of the
 repeats, and the ratios. A benchmark, not a test: machines are noisy, read the ratio.
@@ -37,7 +37,7 @@ from cl_runner.training import TrainingLoop
 TASKS = ["second_word", "last_word", "general_instructions"]
 WORDS = ("river stone light paper garden window music winter silver forest engine market doctor letter planet "
          "summer bridge island orange rabbit castle bottle pencil mirror yellow basket ticket butter camera jacket").split()
-LAYOUTS = ("padded", "packed", "prefix_tree")
+LAYOUTS = ("padded", "packed", "prefix_tree", "auto")
 
 
 def builtin_examples(formatter, count, seed=0):

@@ -120,3 +120,16 @@ def test_rerun_with_only_resume_safe_changes_is_accepted(tmp_path):
 def test_bad_device_name(tmp_path):
     result = run_cli(["experiment=smoke", "trainer.device=gpu0", *QUIET], cwd=tmp_path, timeout=120)
     assert_one_clear_line(result, r"trainer.device 'gpu0' is not a device name")
+
+
+def test_run_directory_of_an_older_format_is_refused(tmp_path):
+    """Rows scored the old way (choices without end-of-turn, other truncation) must not be continued with new ones."""
+    run_dir = tmp_path / "run"
+    first = run_cli(["experiment=smoke", f"hydra.run.dir={run_dir}", "task_sequence.eval_size=2", "trainer.max_steps=1", *QUIET], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    state = json.loads((run_dir / "state.json").read_text())
+    del state["settings"]["cl_runner_format"]  # what an older cl-runner wrote
+    state["acc_matrix"] = state["acc_matrix"][:2]
+    (run_dir / "state.json").write_text(json.dumps(state))
+    second = run_cli(["experiment=smoke", f"hydra.run.dir={run_dir}", "task_sequence.eval_size=2", "trainer.max_steps=1", *QUIET], cwd=tmp_path)
+    assert_one_clear_line(second, r"was written by another version of cl-runner, which scores tasks differently")

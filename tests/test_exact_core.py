@@ -131,6 +131,67 @@ def test_packed_layouts_give_the_padded_loss_and_gradients(tiny_model_and_tokeni
     assert results[layout][2] < results["padded"][2]  # the point of packing: fewer positions computed
 
 
+def test_eager_attention_with_several_padded_rows_gives_the_padded_loss():
+    """Gemma 2 uses eager attention (additive float mask); a small row size forces several rows and padding."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                          head_dim=16, final_logit_softcapping=0.7, attn_logit_softcapping=50.0, sliding_window=64, pad_token_id=0)
+    torch.manual_seed(0)
+    model = sharpened(Gemma2ForCausalLM(config).eval())
+    assert model.config._attn_implementation == "eager"
+    examples, batch = random_batch(96, lengths=(9, 6, 12, 7), answers=(2, 3, 5, 1))
+    examples = [TokenizedExample(examples[0].input_ids[:4] + e.input_ids[4:], examples[0].labels[:4] + e.labels[4:]) for e in examples]  # a shared start
+    reference = float(answer_token_loss(model, collate(examples, 0)).loss)
+    answer_tokens = sum(e.num_target_tokens for e in examples)
+    for layout in ("packed", "prefix_tree"):
+        tree = training_batch(model, examples, [1 / answer_tokens] * 4, 0, layout, row_tokens=14)
+        assert tree["input_ids"].shape[0] >= 2 and tree["attention_mask"].dim() == 4
+        assert float(weighted_objective(answer_token_loss(model, tree), tree)) == pytest.approx(reference, abs=2e-5)
+
+
+def test_models_that_cannot_take_a_tree_are_trained_padded():
+    """Router losses are counted over the whole row, and convolution layers see it all: both get padded rows."""
+    from transformers import Lfm2Config, Lfm2ForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    from cl_runner.layout import supports_tree_layout
+
+    torch.manual_seed(0)
+    models = [
+        MixtralForCausalLM(MixtralConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, pad_token_id=0)),
+        Lfm2ForCausalLM(Lfm2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, layer_types=["conv", "full_attention"], pad_token_id=0)),
+    ]
+    examples, batch = random_batch(96)
+    for model in models:
+        assert not supports_tree_layout(model.eval(), 12)
+        for layout in ("auto", "prefix_tree"):
+            laid = training_batch(model, examples, [1.0] * 3, 0, layout, row_tokens=1024)
+            assert laid["attention_mask"].dim() == 2
+            assert float(answer_token_loss(model, laid).loss) == pytest.approx(float(model(**batch).loss), abs=2e-5)
+
+
+def test_a_model_that_leaks_across_a_row_fails_the_tree_check(tiny_model_and_tokenizer):
+    """What no config tells (here a layer mixing every position of the row) is caught by comparing both layouts once."""
+    from cl_runner.layout import supports_tree_layout
+
+    model = copy.deepcopy(tiny_model_and_tokenizer[0]).eval()
+    assert supports_tree_layout(model, 12)
+    leaky = copy.deepcopy(model)
+    leaky.model.layers[0].register_forward_pre_hook(lambda module, args: (args[0] + args[0].cumsum(dim=1), *args[1:]))
+    assert not supports_tree_layout(leaky, 12)
+
+
+def test_auto_layout_picks_the_tree_for_shared_prompts_and_padding_for_long_unrelated_ones(tiny_model_and_tokenizer):
+    model, tokenizer = tiny_model_and_tokenizer
+    formatter = PromptFormatter(tokenizer)
+    shared = [formatter.encode_example(Example("Reply with the second word of the list: cat dog owl", w)) for w in ("dog", "cat", "owl", "bee")]
+    assert training_batch(model, shared, [1] * 4, tokenizer.pad_token_id, "auto", 1024)["attention_mask"].dim() == 4
+    unrelated = [formatter.encode_example(Example(" ".join(f"w{i}x{j}" for j in range(120)), "yes")) for i in range(8)]
+    assert training_batch(model, unrelated, [1] * 8, tokenizer.pad_token_id, "auto", 4096)["attention_mask"].dim() == 2
+
+
 def test_prefix_tree_computes_shared_prompt_tokens_once(tiny_model_and_tokenizer):
     model, tokenizer = tiny_model_and_tokenizer
     formatter = PromptFormatter(tokenizer)
@@ -227,6 +288,7 @@ def test_fp16_weights_train_with_a_grad_scaler(tiny_model_and_tokenizer):
     loop = TrainingLoop(cfg, torch.device("cpu"), tiny_model_and_tokenizer[1].pad_token_id, on_step=records.append)
     loop.train(model, model.parameters(), examples, ContinualMethod(), NoReplay(), seed=0)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert all(r["loss_scale"] > 1 for r in records)  # the grad scaler ran
     assert records[-1]["loss"] < records[0]["loss"]
     assert all(p.dtype == torch.float16 and bool(torch.isfinite(p).all()) for p in model.parameters())
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))

@@ -7,6 +7,7 @@ import torch
 
 from cl_runner.evaluation.generation import cut_at_stop_strings, generate, stop_token_ids
 from cl_runner.formatting import PromptFormatter
+from cl_runner.tasks import Example
 
 
 class ForcedTokens:
@@ -30,11 +31,21 @@ def model_and_formatter(tiny_model_and_tokenizer):
     return model, PromptFormatter(tiny_model_and_tokenizer[1])
 
 
+def examples(*prompts):
+    return [Example(p, "") for p in prompts]
+
+
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time(model_and_formatter):
-    model, formatter = model_and_formatter
-    prompts = ["Hi", "Tell me a long story about a cat and a dog and a bird", "Why?"]
+    from transformers import LlamaForCausalLM
+
+    config, formatter = copy.deepcopy(model_and_formatter[0].config), model_and_formatter[1]
+    config.initializer_range = 0.3  # larger random weights: the greedy output depends on the prompt
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    prompts = examples("Hi", "Tell me a long story about a cat and a dog and a bird", "Why?")
     batched = generate(model, formatter, prompts, max_new_tokens=6, batch_size=3, device="cpu")
     assert batched == [generate(model, formatter, [p], max_new_tokens=6, batch_size=1, device="cpu")[0] for p in prompts]
+    assert len(set(batched)) == 3 and all(batched)  # distinct, non-empty: padding mistakes would show
 
 
 def test_stop_ids_cover_the_end_of_turn_token_and_every_configured_eos(model_and_formatter):
@@ -49,7 +60,7 @@ def test_generation_stops_at_an_eos_id_from_the_models_list(model_and_formatter)
     word = formatter.tokenizer.encode("cat", add_special_tokens=False)[0]
     model.generation_config.eos_token_id = [formatter.tokenizer.eos_token_id, 17]  # 17: an extra EOS id, as Llama 3 lists several
     forced = ForcedTokens(model, lambda step: word if step < 3 else 17)
-    out = generate(model, formatter, ["Say cat"], max_new_tokens=10, batch_size=1, device="cpu")
+    out = generate(model, formatter, examples("Say cat"), max_new_tokens=10, batch_size=1, device="cpu")
     assert out == ["catcatcat"]
     assert forced.calls == 4  # stopped at the 4th token instead of running all 10
 
@@ -58,7 +69,7 @@ def test_generation_stops_at_until_strings_and_drops_them(model_and_formatter):
     model, formatter = model_and_formatter
     tokens = [formatter.tokenizer.encode(t, add_special_tokens=False)[0] for t in ("dog", "\n", "cat")]
     forced = ForcedTokens(model, lambda step: tokens[min(step, 2)])
-    out = generate(model, formatter, ["Say dog"], max_new_tokens=10, batch_size=1, device="cpu", until=["\n"])
+    out = generate(model, formatter, examples("Say dog"), max_new_tokens=10, batch_size=1, device="cpu", until=["\n"])
     assert out == ["dog"]
     assert forced.calls <= 3
 

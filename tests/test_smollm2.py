@@ -4,6 +4,7 @@ import torch
 
 from cl_runner.evaluation import generate
 from cl_runner.formatting import PromptFormatter
+from cl_runner.tasks import Example
 from cl_runner.models import _gguf_cache, load_model
 from conftest import compose_config
 
@@ -16,5 +17,5 @@ def test_smollm2_loads_from_cache_and_answers():
     assert (cache / "tokenizer" / "tokenizer.json").exists()
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
     assert model.dtype == torch.float32 and "quantization_config" not in model.config.to_dict()
-    answer = generate(model, PromptFormatter(tokenizer), ["What is the capital of France?"], max_new_tokens=12, batch_size=1, device="cpu")[0]
+    answer = generate(model, PromptFormatter(tokenizer), [Example("What is the capital of France?", "Paris")], max_new_tokens=12, batch_size=1, device="cpu")[0]
     assert "Paris" in answer, answer

@@ -33,7 +33,7 @@ def evaluate_task(model, formatter: PromptFormatter, task: Task, batch_size: int
             scores = choice_loglikelihoods(model, requests, formatter.tokenizer.pad_token_id, batch_size, device)
             return choice_metrics([e.choices for e in task.test], [e.target for e in task.test], scores)
         kwargs = task.generation_kwargs
-        predictions = generate(model, formatter, [e.prompt for e in task.test], int(kwargs.get("max_new_tokens", 16)), batch_size, device, until=kwargs.get("until", ()))
+        predictions = generate(model, formatter, task.test, task.answer_reserve, batch_size, device, until=kwargs.get("until", ()))
         metric = GENERATION_METRICS[task.metric]
         return {task.metric: sum(metric(p, e.target) for p, e in zip(predictions, task.test)) / len(task.test)}
     finally:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from cl_runner.formatting import PromptFormatter
+from cl_runner.tasks import Example
 
 
 def stop_token_ids(model, formatter: PromptFormatter) -> list[int]:
@@ -44,17 +45,17 @@ def _left_padded(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch
 
 
 @torch.no_grad()
-def generate(model, formatter: PromptFormatter, prompts: Sequence[str], max_new_tokens: int, batch_size: int, device,
+def generate(model, formatter: PromptFormatter, examples: Sequence[Example], max_new_tokens: int, batch_size: int, device,
              until: Sequence[str] = ()) -> list[str]:
-    """Greedy completions of ``prompts``, batched by length with left padding as decoder-only generation requires."""
+    """Greedy completions of the examples' prompts, batched by length with left padding as decoder-only generation requires."""
     tokenizer = formatter.tokenizer
     until = [until] if isinstance(until, str) else list(until)
-    # The prompt leaves room for the answer, with the same budget training uses for this task.
-    encoded = [formatter.prompt_ids(p, reserve=max_new_tokens) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    # An over-long prompt is cut exactly as in training: room for max_new_tokens or the target, whichever is longer.
+    encoded = [formatter.encode_prompt(e, reserve=max_new_tokens) for e in examples]
+    order = sorted(range(len(examples)), key=lambda i: -len(encoded[i]))
     stop_ids = stop_token_ids(model, formatter)
     extra = {"stop_strings": list(until), "tokenizer": tokenizer} if until else {}
-    outputs = [""] * len(prompts)
+    outputs = [""] * len(examples)
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         ids, mask = _left_padded([encoded[i] for i in batch], tokenizer.pad_token_id)

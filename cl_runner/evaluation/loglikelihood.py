@@ -20,16 +20,18 @@ import torch
 
 from cl_runner.formatting import ChoiceRequest
 from cl_runner.forward import forward_selected
-from cl_runner.layout import Layout, padded_layout, supports_tree_layout, tree_layout
+from cl_runner.layout import Layout, cheapest_layout, padded_layout, tree_layout
 
 
-def _layout(model, requests: Sequence[ChoiceRequest], pad_id: int, row_tokens: int, tree: bool) -> Layout:
+def _layout(model, requests: Sequence[ChoiceRequest], pad_id: int, row_tokens: int, tree: bool | None) -> Layout:
     sequences = [r.prompt + c for r in requests for c in r.choices]
     targets = [range(len(r.prompt), len(r.prompt) + len(c)) for r in requests for c in r.choices]
+    capacity = max(row_tokens, max(len(s) for s in sequences))  # a long item still shares its prompt across its choices
+    if tree is None:
+        return cheapest_layout(model, sequences, targets, pad_id, capacity)
     if tree:
-        dtype = next(model.parameters()).dtype
-        return tree_layout(sequences, targets, pad_id, capacity=row_tokens, share_prefixes=True,
-                           attn_implementation=model.config._attn_implementation, dtype=dtype)
+        return tree_layout(sequences, targets, pad_id, capacity=capacity, share_prefixes=True,
+                           attn_implementation=model.config._attn_implementation, dtype=next(model.parameters()).dtype)
     return padded_layout(sequences, targets, pad_id)
 
 
@@ -38,25 +40,22 @@ def choice_loglikelihoods(model, requests: Sequence[ChoiceRequest], pad_id: int,
                           row_tokens: int = 1024, tree: bool | None = None) -> list[list[float]]:
     """Summed log-probability of each choice's tokens after its prompt: ``scores[item][choice]``.
 
-    ``batch_size`` items go into one forward pass (with ``tree=False``: ``batch_size``
-    sequences); ``tree=None`` uses the prefix-tree layout whenever the model supports it.
+    ``batch_size`` items go into one forward pass. ``tree=None`` picks, per batch, the prefix
+    tree or one padded row per choice, whichever costs less on a model that supports the tree
+    (``cheapest_layout``); ``True``/``False`` force one (tests compare them).
     """
-    longest = max((len(r.prompt) + len(c) for r in requests for c in r.choices), default=0)
-    if tree is None:
-        tree = supports_tree_layout(model, longest)
     # Items of similar length share a forward pass: less padding between rows. Longest first, like lm-eval.
     order = sorted(range(len(requests)), key=lambda i: -(len(requests[i].prompt) + sum(map(len, requests[i].choices))))
-    per_pass = batch_size if tree else max(1, batch_size // max(1, max((len(r.choices) for r in requests), default=1)))
     scores: list[list[float]] = [[] for _ in requests]
-    for start in range(0, len(order), per_pass):
-        batch = [requests[i] for i in order[start : start + per_pass]]
+    for start in range(0, len(order), batch_size):
+        batch = [requests[i] for i in order[start : start + batch_size]]
         laid = _layout(model, batch, pad_id, row_tokens, tree).to(device)
         logits = forward_selected(model, laid.input_ids, laid.read_rows, laid.read_cols, **laid.model_inputs).logits
         token_logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, laid.targets[:, None])[:, 0]
         sums = torch.zeros(int(laid.owners.max()) + 1, dtype=torch.float64, device=token_logprobs.device)
         sums = sums.index_add_(0, laid.owners, token_logprobs.double()).cpu().tolist()
         sequence = 0
-        for i in order[start : start + per_pass]:
+        for i in order[start : start + batch_size]:
             scores[i] = sums[sequence : sequence + len(requests[i].choices)]
             sequence += len(requests[i].choices)
     return scores

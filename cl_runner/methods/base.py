@@ -37,10 +37,14 @@ class ContinualMethod:
         return train()
 
     def extra_loss(self, model: torch.nn.Module, batch: dict, outputs) -> torch.Tensor | None:
-        """A term added to the cross-entropy loss of every batch (None: nothing).
+        """A term added to the loss of every optimizer step (None: nothing); computed per micro-batch.
 
-        ``outputs.loss`` is the cross-entropy, ``outputs.last_hidden_state`` the decoder's output;
-        a method that needs other internals registers forward hooks in ``setup``.
+        ``outputs.loss`` is the micro-batch's mean answer-token cross-entropy (what
+        ``model(**batch).loss`` would be), ``outputs.token_losses`` each answer token's, and
+        ``outputs.last_hidden_state`` the decoder's output aligned with ``batch["input_ids"]``.
+        In the packed layouts (``trainer.batch_layout``) a row holds several examples: answer
+        token n is read at ``(batch["read_rows"][n], batch["read_cols"][n])``. A method that
+        needs other internals registers forward hooks in ``setup``.
         """
         return None
 

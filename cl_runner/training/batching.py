@@ -6,6 +6,9 @@
   positions restarted and attention kept inside each example: no padding at all.
 - ``prefix_tree``: packed, and the tokens that examples share at the start (chat template,
   system prompt, a task's instruction) are computed once per row.
+- ``auto``: per micro-batch, the prefix tree or padded rows, whichever is estimated cheaper
+  (``cheapest_layout``): the tree for examples that share long prompts, padded rows for
+  long examples with little in common.
 
 The packed layouts pay with attention over the whole row (masked), which grows with the square
 of its length; models that cannot take them (see ``supports_tree_layout``) train padded.
@@ -19,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from cl_runner.formatting import IGNORE_INDEX, TokenizedExample
-from cl_runner.layout import padded_layout, supports_tree_layout, tree_layout
+from cl_runner.layout import cheapest_layout, pad_right, padded_layout, supports_tree_layout, tree_layout
 
 
 def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.Random, window: int = 32) -> list[list[int]]:
@@ -38,17 +41,6 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.
     return batches
 
 
-def pad_right(sequences: Sequence[Sequence[int]], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token sequences into one tensor; also return the attention mask (1 = real token)."""
-    width = max(len(s) for s in sequences)
-    padded = torch.full((len(sequences), width), pad_value, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        padded[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return padded, mask
-
-
 def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch the way a Hugging Face model takes it: padded positions get attention 0 and label IGNORE_INDEX."""
     input_ids, attention_mask = pad_right([e.input_ids for e in examples], pad_token_id)
@@ -56,7 +48,7 @@ def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-BATCH_LAYOUTS = ("padded", "packed", "prefix_tree")
+BATCH_LAYOUTS = ("auto", "padded", "packed", "prefix_tree")
 
 
 def training_batch(model, examples: Sequence[TokenizedExample], weights: Sequence[float], pad_token_id: int, layout: str, row_tokens: int) -> dict[str, torch.Tensor]:
@@ -67,10 +59,11 @@ def training_batch(model, examples: Sequence[TokenizedExample], weights: Sequenc
     """
     sequences = [e.input_ids for e in examples]
     targets = [[i for i, label in enumerate(e.labels) if label != IGNORE_INDEX and i > 0] for e in examples]
-    if layout != "padded" and supports_tree_layout(model, max(len(s) for s in sequences)):
-        dtype = next(model.parameters()).dtype
+    if layout == "auto":
+        laid = cheapest_layout(model, sequences, targets, pad_token_id, row_tokens)
+    elif layout != "padded" and supports_tree_layout(model, max(len(s) for s in sequences)):
         laid = tree_layout(sequences, targets, pad_token_id, capacity=row_tokens, share_prefixes=layout == "prefix_tree",
-                           attn_implementation=model.config._attn_implementation, dtype=dtype)
+                           attn_implementation=model.config._attn_implementation, dtype=next(model.parameters()).dtype)
     else:
         laid = padded_layout(sequences, targets, pad_token_id)
     target_weights = torch.tensor([weights[owner] for owner in laid.owners.tolist()], dtype=torch.float32)

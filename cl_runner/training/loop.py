@@ -111,13 +111,19 @@ class TrainingLoop:
         scaler.scale(loss).backward()
         return float(loss.detach())
 
-    def accumulate(self, model, method, mixed: Sequence[MixedBatch], replay_share: float, scaler) -> float:
+    def accumulate(self, model, method, mixed: Sequence[MixedBatch], replay_share: float, scaler, masters: MasterWeights | None = None) -> float:
         """Forward and backward of one optimizer step's micro-batches; returns the step's loss.
 
-        The gradient is that of one batch holding all of them (token-weighted, see ``step_token_weights``).
+        The gradient is that of one batch holding all of them (token-weighted, see
+        ``step_token_weights``), summed in fp32 when the weights are not.
         """
         weights = step_token_weights(mixed, replay_share)
-        return sum(self.micro_step(model, method, current, replayed, weights, len(mixed), scaler) for current, replayed in mixed)
+        step_loss = 0.0
+        for current, replayed in mixed:
+            step_loss += self.micro_step(model, method, current, replayed, weights, len(mixed), scaler)
+            if masters is not None:
+                masters.gradients_to_master()
+        return step_loss
 
     def train(self, model, parameters, examples, method, replay, seed: int, task_name: str = "") -> dict:
         """Run the configured epochs (or ``max_steps`` optimizer steps) over ``examples``."""
@@ -139,9 +145,8 @@ class TrainingLoop:
         progress = tqdm(total=len(steps), desc=f"train {task_name}", leave=False, disable=not cfg.progress_bar, dynamic_ncols=True)
         for step_index, step in enumerate(steps, start=1):
             mixed = [(micro, replay.sample(len(micro), rng)) for micro in step]
-            step_loss = self.accumulate(model, method, mixed, replay_share, scaler)
+            step_loss = self.accumulate(model, method, mixed, replay_share, scaler, masters)
             tokens += sum(len(e.input_ids) for current, replayed in mixed for e in (*current, *replayed))
-            masters.gradients_to_master()
             scaler.unscale_(optimizer)
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(masters.parameters, cfg.max_grad_norm)
@@ -152,6 +157,8 @@ class TrainingLoop:
             lr = schedule.get_last_lr()[0]
             schedule.step()
             record = {"step": step_index, "loss": step_loss, "lr": lr, "tokens": tokens, "tokens_per_s": tokens / (time.perf_counter() - started)}
+            if scaler.is_enabled():
+                record["loss_scale"] = scaler.get_scale()  # falls when fp16 gradients overflow (those steps are skipped)
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if step_index % cfg.log_every == 0 or step_index == len(steps):

@@ -40,10 +40,14 @@ class MasterWeights:
         return any(p.dtype == torch.float16 for p, _ in self.pairs)
 
     def gradients_to_master(self) -> None:
-        """Move the model's low-precision gradients onto the fp32 copies (before unscaling, clipping and the step)."""
+        """Add the model's low-precision gradients to the fp32 copies' and clear them.
+
+        Called after every micro-batch, so accumulation over an optimizer step sums in fp32.
+        """
         for model_param, master in self.pairs:
-            if model_param is not master:
-                master.grad = None if model_param.grad is None else model_param.grad.float()
+            if model_param is not master and model_param.grad is not None:
+                grad = model_param.grad.float()
+                master.grad = grad if master.grad is None else master.grad.add_(grad)
                 model_param.grad = None
 
     @torch.no_grad()
