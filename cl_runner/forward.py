@@ -13,9 +13,11 @@ elementwise, so it applies to the selected logits exactly as to the full ones.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 
 @dataclass
@@ -40,14 +42,32 @@ def output_head(model) -> torch.nn.Module | None:
     return getter() if getter is not None else None
 
 
-def forward_selected(model, input_ids: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, **inputs) -> SelectedForward:
+def cache_argument(model) -> str:
+    """The name under which this transformers version's forward takes a KV cache."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def forward_selected(model, input_ids: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, prefix_ids: torch.Tensor | None = None,
+                     **inputs) -> SelectedForward:
     """Run ``model(input_ids=..., **inputs)`` and return its logits at the positions ``(rows, cols)`` only.
 
     ``rows``/``cols`` index ``input_ids``. Models that prepend virtual tokens (PEFT prompt
     tuning, P-tuning) see a longer sequence than ``input_ids``; they are prepended on the
     left, so the offset is the difference in length. A model without a separate head
     module falls back to its full logits, gathered at the same positions.
+
+    ``prefix_ids`` ([1, P]): tokens that every row continues. They run once, and their keys and
+    values are shared by all rows (gradients flow through them); ``inputs`` then hold the
+    ``[rows, P + length]`` attention mask and the rows' position ids, which start at P.
     """
+    if prefix_ids is not None:
+        cache_name = cache_argument(model)
+        empty = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+        cache = DynamicCache(config=model.config)  # filled in place by the prefix's forward
+        forward_selected(model, prefix_ids, empty, empty, **{cache_name: cache}, use_cache=True)
+        cache.batch_repeat_interleave(input_ids.shape[0])
+        inputs = {**inputs, cache_name: cache, "use_cache": True}
     head = output_head(model)
     captured: dict[str, torch.Tensor | int] = {"calls": 0}
 

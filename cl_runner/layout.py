@@ -37,7 +37,7 @@ class Layout:
     """Model inputs for a set of sequences, and where each target is read."""
 
     input_ids: torch.Tensor  # [rows, width]
-    model_inputs: dict[str, torch.Tensor]  # attention_mask (2-D or 4-D), position_ids
+    model_inputs: dict[str, torch.Tensor]  # attention_mask (2-D or 4-D), position_ids, prefix_ids (shared prefix)
     read_rows: torch.Tensor  # [targets]: the logits predicting target n sit at (read_rows[n], read_cols[n])
     read_cols: torch.Tensor
     targets: torch.Tensor  # [targets] token ids
@@ -52,6 +52,26 @@ NON_ATTENTION_HINTS = ("mamba", "conv", "linear", "recurrent", "ssm", "rwkv")  #
 _verified: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _unsupported_by_config(model, longest: int) -> bool:
+    config = model.config
+    if is_prompt_learning(model) or getattr(config, "_attn_implementation", None) not in TREE_ATTENTION:
+        return True
+    if getattr(config, "output_router_logits", False) or _has_non_attention_layers(config):
+        return True
+    window = getattr(config, "sliding_window", None)
+    if window is not None and longest > window:
+        return True
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "position_ids" not in inspect.signature(base.forward).parameters
+
+
+def supports_shared_prefix(model, longest: int = 0) -> bool:
+    """Whether a prefix can run once and rows continue it from its cached keys and values (checked like the tree)."""
+    if _unsupported_by_config(model, longest):
+        return False
+    return _verified_once(model, "shared_prefix", lambda seqs, targets: shared_prefix_layout(seqs, targets, 0))
+
+
 def supports_tree_layout(model, longest: int = 0) -> bool:
     """Whether ``model``'s forward honours a custom 4-D mask and explicit position ids.
 
@@ -62,20 +82,18 @@ def supports_tree_layout(model, longest: int = 0) -> bool:
     window's). What the configuration cannot tell is checked once per model: a small prefix
     tree must give the padded layout's logits.
     """
-    config = model.config
-    if is_prompt_learning(model) or getattr(config, "_attn_implementation", None) not in TREE_ATTENTION:
+    if _unsupported_by_config(model, longest):
         return False
-    if getattr(config, "output_router_logits", False) or _has_non_attention_layers(config):
-        return False
-    window = getattr(config, "sliding_window", None)
-    if window is not None and longest > window:
-        return False
+    dtype = next(model.parameters()).dtype
+    return _verified_once(model, "tree", lambda seqs, targets: _tree(seqs, targets, 0, 64, True, model.config._attn_implementation, dtype))
+
+
+def _verified_once(model, kind: str, build) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if "position_ids" not in inspect.signature(base.forward).parameters:
-        return False
-    if base not in _verified:
-        _verified[base] = _tree_matches_padded(model)
-    return _verified[base]
+    verdicts = _verified.setdefault(base, {})
+    if kind not in verdicts:
+        verdicts[kind] = _matches_padded(model, build)
+    return verdicts[kind]
 
 
 def _has_non_attention_layers(config) -> bool:
@@ -87,16 +105,16 @@ def _has_non_attention_layers(config) -> bool:
 
 
 @torch.no_grad()
-def _tree_matches_padded(model) -> bool:
-    """Run two sequences sharing a prefix both ways; the tree layout is used only if the logits agree."""
+def _matches_padded(model, build) -> bool:
+    """Run two sequences sharing a prefix padded and in the layout ``build`` makes; use the layout only if the logits agree."""
     sequences = [[11, 12, 13, 14, 15, 16], [11, 12, 13, 17, 18]]
-    targets = [range(1, len(s)) for s in sequences]
+    targets = [range(4, len(s)) for s in sequences]
     was_training = model.training
     model.eval()
     try:
         device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
         results = []
-        for laid in (padded_layout(sequences, targets, 0), _tree(sequences, targets, 0, 64, True, model.config._attn_implementation, dtype)):
+        for laid in (padded_layout(sequences, targets, 0), build(sequences, targets)):
             laid = laid.to(device)
             results.append(forward_selected(model, laid.input_ids, laid.read_rows, laid.read_cols, **laid.model_inputs).logits.float())
         tolerance = 1e-4 if dtype == torch.float32 else 5e-2  # rounding only; a leak across branches is larger
@@ -137,6 +155,29 @@ def padded_layout(sequences: Sequence[Sequence[int]], target_positions: Sequence
     columns = [range(len(s)) for s in sequences]
     spec = _read_spec(columns, list(range(len(sequences))), sequences, target_positions)
     return Layout(input_ids, {"attention_mask": attention_mask}, *spec)
+
+
+def shared_prefix_layout(sequences: Sequence[Sequence[int]], target_positions: Sequence[Sequence[int]], pad_id: int) -> Layout | None:
+    """The tokens every sequence starts with, run once; the rest of each sequence, right-padded, continues them.
+
+    The prefix ends before the token that predicts any target, so every logit that is read
+    comes from the rows. None when the sequences share no such prefix.
+    """
+    shared = 0
+    while all(len(s) > shared and s[shared] == sequences[0][shared] for s in sequences):
+        shared += 1
+    first_read = min((min(positions) - 1 for positions in target_positions if len(positions)), default=shared)
+    shared = min(shared, first_read, min(len(s) for s in sequences) - 1)
+    if shared < 1:
+        return None
+    suffix_ids, suffix_mask = pad_right([s[shared:] for s in sequences], pad_id)
+    rows, width = suffix_ids.shape
+    attention_mask = torch.cat([torch.ones((rows, shared), dtype=torch.long), suffix_mask], dim=1)
+    position_ids = torch.arange(shared, shared + width).repeat(rows, 1)
+    columns = [[i - shared for i in range(len(s))] for s in sequences]  # only columns >= 0 are read
+    spec = _read_spec(columns, list(range(rows)), sequences, target_positions)
+    prefix_ids = torch.tensor([list(sequences[0][:shared])], dtype=torch.long)
+    return Layout(suffix_ids, {"attention_mask": attention_mask, "position_ids": position_ids, "prefix_ids": prefix_ids}, *spec)
 
 
 class _TreeRow:
@@ -224,7 +265,8 @@ ATTENTION_PAIR_COST = 1 / 600
 def layout_cost(layout: Layout) -> float:
     """Estimated compute of a layout, in units of one token's non-attention work."""
     rows, width = layout.input_ids.shape
-    return rows * width * (1 + width * ATTENTION_PAIR_COST)
+    prefix = layout.model_inputs["prefix_ids"].shape[1] if "prefix_ids" in layout.model_inputs else 0
+    return prefix * (1 + prefix * ATTENTION_PAIR_COST) + rows * width * (1 + (prefix + width) * ATTENTION_PAIR_COST)
 
 
 def tree_layout(sequences: Sequence[Sequence[int]], target_positions: Sequence[Sequence[int]], pad_id: int, *, capacity: int,
@@ -234,18 +276,22 @@ def tree_layout(sequences: Sequence[Sequence[int]], target_positions: Sequence[S
 
 
 def cheapest_layout(model, sequences: Sequence[Sequence[int]], target_positions: Sequence[Sequence[int]], pad_id: int, capacity: int) -> Layout:
-    """The prefix tree where the model supports it and it costs less than padded rows, else padded rows.
+    """Of the layouts the model supports, the one estimated cheapest (``layout_cost``).
 
-    The tree wins when sequences share long prefixes (a task's instruction, an item's choices);
-    padded rows win for long sequences with little in common, whose packed rows would pay the
-    quadratic attention over the whole row.
+    - padded rows: always possible;
+    - a shared prefix run once, the rest padded: when all sequences start alike (the template,
+      the system prompt, a task's instruction) and differ after;
+    - a prefix tree: when they share deeper, in groups (an item's prompt across its choices),
+      at the price of attention over the whole row, so only for short rows.
     """
-    padded = padded_layout(sequences, target_positions, pad_id)
+    candidates = [padded_layout(sequences, target_positions, pad_id)]
     longest = max(len(s) for s in sequences)
-    if not supports_tree_layout(model, longest):
-        return padded
-    dtype, attn = next(model.parameters()).dtype, model.config._attn_implementation
-    # Shorter rows share less but pay less attention: try the row size and its halves.
-    capacities = sorted({c for c in (capacity, capacity // 2, capacity // 4) if c >= longest} or {capacity})
-    trees = [_tree(sequences, target_positions, pad_id, c, True, attn, dtype) for c in capacities]
-    return min([padded, *trees], key=layout_cost)
+    prefixed = shared_prefix_layout(sequences, target_positions, pad_id)
+    if prefixed is not None and supports_shared_prefix(model, longest):
+        candidates.append(prefixed)
+    if supports_tree_layout(model, longest):
+        dtype, attn = next(model.parameters()).dtype, model.config._attn_implementation
+        # Shorter rows share less but pay less attention: try the row size and its halves.
+        capacities = sorted({c for c in (capacity, capacity // 2, capacity // 4) if c >= longest} or {capacity})
+        candidates += [_tree(sequences, target_positions, pad_id, c, True, attn, dtype) for c in capacities]
+    return min(candidates, key=layout_cost)

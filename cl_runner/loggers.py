@@ -20,7 +20,7 @@ class NullLogger:
     def log_step(self, record: dict, task_name: str) -> None:
         pass
 
-    def log_evaluation(self, row: int, task_names: list[str], scores: list[float], general: float | None) -> None:
+    def log_evaluation(self, row: int, task_names: list[str], scores: list[float], general: float | None, task_scores: list[dict] | None = None) -> None:
         pass
 
     def log_results(self, results: dict, heatmap: Path | None) -> None:
@@ -67,8 +67,10 @@ class WandbLogger:
         data.update({"train/task": task_name, "train/global_step": self.global_step})
         self._guard("log", lambda: self.run.log(data))
 
-    def log_evaluation(self, row: int, task_names: list[str], scores: list[float], general: float | None) -> None:
+    def log_evaluation(self, row: int, task_names: list[str], scores: list[float], general: float | None, task_scores: list[dict] | None = None) -> None:
         data = {f"eval/{name}": score for name, score in zip(task_names, scores)}
+        for name, all_scores in zip(task_names, task_scores or []):
+            data.update({f"eval/{name}/{metric}": value for metric, value in all_scores.items()})  # acc and acc_norm
         data["eval/tasks_learnt"] = row
         if general is not None:
             data["eval/general_probe"] = general

@@ -62,7 +62,7 @@ class EventLog:
         if task_scores is not None:
             event["task_scores"] = dict(zip(task_names, task_scores))
         self.write(event)
-        self.logger.log_evaluation(row, task_names, scores, general)
+        self.logger.log_evaluation(row, task_names, scores, general, task_scores)
 
 
 def build(node: DictConfig):

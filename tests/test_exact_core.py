@@ -113,7 +113,7 @@ def test_loss_includes_the_moe_router_loss():
     assert float(ours.loss) == pytest.approx(float(model(**batch).loss), rel=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["packed", "prefix_tree"])
+@pytest.mark.parametrize("layout", ["shared_prefix", "packed", "prefix_tree"])
 def test_packed_layouts_give_the_padded_loss_and_gradients(tiny_model_and_tokenizer, layout):
     model = wrapped(tiny_model_and_tokenizer[0], "lora")
     examples, _ = text_batch(tiny_model_and_tokenizer[1])
@@ -128,7 +128,7 @@ def test_packed_layouts_give_the_padded_loss_and_gradients(tiny_model_and_tokeni
     assert results[layout][0] == pytest.approx(results["padded"][0], rel=1e-5)
     for ours, reference in zip(results[layout][1], results["padded"][1]):
         torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-6)
-    assert results[layout][2] < results["padded"][2]  # the point of packing: fewer positions computed
+    assert results[layout][2] < results["padded"][2]  # the point: fewer positions computed (shared_prefix: in the rows)
 
 
 def test_eager_attention_with_several_padded_rows_gives_the_padded_loss():
@@ -154,7 +154,7 @@ def test_models_that_cannot_take_a_tree_are_trained_padded():
     """Router losses are counted over the whole row, and convolution layers see it all: both get padded rows."""
     from transformers import Lfm2Config, Lfm2ForCausalLM, MixtralConfig, MixtralForCausalLM
 
-    from cl_runner.layout import supports_tree_layout
+    from cl_runner.layout import supports_shared_prefix, supports_tree_layout
 
     torch.manual_seed(0)
     models = [
@@ -165,7 +165,7 @@ def test_models_that_cannot_take_a_tree_are_trained_padded():
     ]
     examples, batch = random_batch(96)
     for model in models:
-        assert not supports_tree_layout(model.eval(), 12)
+        assert not supports_tree_layout(model.eval(), 12) and not supports_shared_prefix(model, 12)
         for layout in ("auto", "prefix_tree"):
             laid = training_batch(model, examples, [1.0] * 3, 0, layout, row_tokens=1024)
             assert laid["attention_mask"].dim() == 2
@@ -174,22 +174,29 @@ def test_models_that_cannot_take_a_tree_are_trained_padded():
 
 def test_a_model_that_leaks_across_a_row_fails_the_tree_check(tiny_model_and_tokenizer):
     """What no config tells (here a layer mixing every position of the row) is caught by comparing both layouts once."""
-    from cl_runner.layout import supports_tree_layout
+    from cl_runner.layout import supports_shared_prefix, supports_tree_layout
 
     model = copy.deepcopy(tiny_model_and_tokenizer[0]).eval()
-    assert supports_tree_layout(model, 12)
+    assert supports_tree_layout(model, 12) and supports_shared_prefix(model, 12)
     leaky = copy.deepcopy(model)
     leaky.model.layers[0].register_forward_pre_hook(lambda module, args: (args[0] + args[0].cumsum(dim=1), *args[1:]))
-    assert not supports_tree_layout(leaky, 12)
+    assert not supports_tree_layout(leaky, 12) and not supports_shared_prefix(leaky, 12)
 
 
-def test_auto_layout_picks_the_tree_for_shared_prompts_and_padding_for_long_unrelated_ones(tiny_model_and_tokenizer):
+def test_auto_layout_picks_by_what_the_examples_share(tiny_model_and_tokenizer):
     model, tokenizer = tiny_model_and_tokenizer
     formatter = PromptFormatter(tokenizer)
-    shared = [formatter.encode_example(Example("Reply with the second word of the list: cat dog owl", w)) for w in ("dog", "cat", "owl", "bee")]
-    assert training_batch(model, shared, [1] * 4, tokenizer.pad_token_id, "auto", 1024)["attention_mask"].dim() == 4
-    unrelated = [formatter.encode_example(Example(" ".join(f"w{i}x{j}" for j in range(120)), "yes")) for i in range(8)]
-    assert training_batch(model, unrelated, [1] * 8, tokenizer.pad_token_id, "auto", 4096)["attention_mask"].dim() == 2
+
+    def chosen(examples):
+        batch = training_batch(model, examples, [1] * len(examples), tokenizer.pad_token_id, "auto", 4096)
+        return "shared_prefix" if "prefix_ids" in batch else "tree" if batch["attention_mask"].dim() == 4 else "padded"
+
+    same_prompt = [formatter.encode_example(Example("Reply with the second word of the list: cat dog owl", w)) for w in ("dog", "cat", "owl", "bee")]
+    assert chosen(same_prompt) == "tree"  # short rows that share almost everything
+    long_after_the_template = [formatter.encode_example(Example(" ".join(f"w{i}x{j}" for j in range(120)), "yes")) for i in range(8)]
+    assert chosen(long_after_the_template) == "shared_prefix"  # only the template is shared; a tree row would be 8x as long
+    nothing_shared = [TokenizedExample([i] + e.input_ids[1:], [IGNORE_INDEX] + e.labels[1:]) for i, e in enumerate(long_after_the_template, start=5)]
+    assert chosen(nothing_shared) == "padded"
 
 
 def test_prefix_tree_computes_shared_prompt_tokens_once(tiny_model_and_tokenizer):
@@ -343,7 +350,7 @@ def test_choices_are_scored_on_exactly_the_training_targets(llama3_style):
             assert eot in tokens  # "North" is scored as a whole answer, not as the start of "North America"
 
 
-@pytest.mark.parametrize("tree", [True, False])
+@pytest.mark.parametrize("tree", [True, False, None])  # None: the cheapest layout, here a shared prefix or the tree
 def test_choice_loglikelihoods_equal_hand_computed_ones(llama3_style, tree):
     model, tokenizer = llama3_style
     formatter = PromptFormatter(tokenizer)

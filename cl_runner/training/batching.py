@@ -2,13 +2,15 @@
 
 - ``padded``: each micro-batch right-padded to its longest example; grouping examples of
   similar length (like ``group_by_length`` in HF Trainer) keeps the padding small.
+- ``shared_prefix``: the tokens all examples of the micro-batch start with (chat template,
+  system prompt, a task's instruction) run once; the rows continue from their cached keys
+  and values, right-padded.
 - ``packed``: the micro-batch's examples concatenated into rows of ``trainer.row_tokens``,
   positions restarted and attention kept inside each example: no padding at all.
 - ``prefix_tree``: packed, and the tokens that examples share at the start (chat template,
   system prompt, a task's instruction) are computed once per row.
-- ``auto``: per micro-batch, the prefix tree or padded rows, whichever is estimated cheaper
-  (``cheapest_layout``): the tree for examples that share long prompts, padded rows for
-  long examples with little in common.
+- ``auto``: per micro-batch, whichever of padded, shared_prefix and prefix_tree is estimated
+  cheapest (``cheapest_layout``).
 
 The packed layouts pay with attention over the whole row (masked), which grows with the square
 of its length; models that cannot take them (see ``supports_tree_layout``) train padded.
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from cl_runner.formatting import IGNORE_INDEX, TokenizedExample
-from cl_runner.layout import cheapest_layout, pad_right, padded_layout, supports_tree_layout, tree_layout
+from cl_runner.layout import cheapest_layout, pad_right, padded_layout, shared_prefix_layout, supports_shared_prefix, supports_tree_layout, tree_layout
 
 
 def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.Random, window: int = 32) -> list[list[int]]:
@@ -48,7 +50,7 @@ def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-BATCH_LAYOUTS = ("auto", "padded", "packed", "prefix_tree")
+BATCH_LAYOUTS = ("auto", "padded", "shared_prefix", "packed", "prefix_tree")
 
 
 def training_batch(model, examples: Sequence[TokenizedExample], weights: Sequence[float], pad_token_id: int, layout: str, row_tokens: int) -> dict[str, torch.Tensor]:
@@ -59,9 +61,13 @@ def training_batch(model, examples: Sequence[TokenizedExample], weights: Sequenc
     """
     sequences = [e.input_ids for e in examples]
     targets = [[i for i, label in enumerate(e.labels) if label != IGNORE_INDEX and i > 0] for e in examples]
+    longest = max(len(s) for s in sequences)
     if layout == "auto":
         laid = cheapest_layout(model, sequences, targets, pad_token_id, row_tokens)
-    elif layout != "padded" and supports_tree_layout(model, max(len(s) for s in sequences)):
+    elif layout == "shared_prefix":
+        laid = shared_prefix_layout(sequences, targets, pad_token_id) if supports_shared_prefix(model, longest) else None
+        laid = laid or padded_layout(sequences, targets, pad_token_id)
+    elif layout in ("packed", "prefix_tree") and supports_tree_layout(model, longest):
         laid = tree_layout(sequences, targets, pad_token_id, capacity=row_tokens, share_prefixes=layout == "prefix_tree",
                            attn_implementation=model.config._attn_implementation, dtype=next(model.parameters()).dtype)
     else:

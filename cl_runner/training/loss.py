@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from cl_runner.formatting import IGNORE_INDEX
 from cl_runner.forward import forward_selected
 
-MODEL_INPUTS = ("attention_mask", "position_ids")
+MODEL_INPUTS = ("attention_mask", "position_ids", "prefix_ids")
 
 
 @dataclass
