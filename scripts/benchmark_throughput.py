@@ -1,13 +1,13 @@
 """Training throughput: cl-runner's loop against a plain Hugging Face Trainer + PEFT reference.
 
-    python scripts/benchmark_throughput.py [--data builtin|mixed] [--model smollm2_135m] [--examples 192] [--batch-size 8]
+    python scripts/benchmark_throughput.py [--data builtin|mixed] [--layouts padded,auto] [--model smollm2_135m] [--examples 192] [--batch-size 8]
 
 Both sides train the same LoRA (conf/method/seq_lora.yaml) on the same model, the same
 examples and the same batch size, for one epoch each, after an untimed warm-up, alternating
 them. ``--data builtin``: the built-in tasks mixed with the general-instruction data (45-56
 tokens); ``--data mixed``: seeded synthetic instructions of 3 to 120 words with answers of 1 to
 24 words, all through the chat template. cl-runner runs in each ``trainer.batch_layout``
-(padded, packed, prefix_tree, auto), the reference pads each batch to its longest example
+(padded, shared_prefix, prefix_tree, auto; packed with --layouts), the reference pads each batch to its longest example
 (DataCollatorForSeq2Seq), as the Trainer does by default, and also runs with
 train_sampling_strategy="group_by_length". Reported: non-padding tokens per second, best of the
 repeats, and the ratios. A benchmark, not a test: machines are noisy, read the ratio.
@@ -37,7 +37,7 @@ from cl_runner.training import TrainingLoop
 TASKS = ["second_word", "last_word", "general_instructions"]
 WORDS = ("river stone light paper garden window music winter silver forest engine market doctor letter planet "
          "summer bridge island orange rabbit castle bottle pencil mirror yellow basket ticket butter camera jacket").split()
-LAYOUTS = ("padded", "packed", "prefix_tree", "auto")
+LAYOUTS = ("padded", "shared_prefix", "prefix_tree", "auto")
 
 
 def builtin_examples(formatter, count, seed=0):
@@ -92,6 +92,7 @@ def reference(cfg, base_model, tokenizer, examples, group_by_length):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=["builtin", "mixed"], default="builtin")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated trainer.batch_layout values to run")
     parser.add_argument("--model", default="smollm2_135m")
     parser.add_argument("--examples", type=int, default=192)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -110,7 +111,8 @@ def main() -> None:
     warmup = examples[: 2 * args.batch_size]
     ours(cfg, model, warmup, tokenizer.pad_token_id, "prefix_tree")
     reference(cfg, model, tokenizer, warmup, group_by_length=False)
-    runs = {f"cl-runner ({layout})": (lambda layout=layout: ours(cfg, model, examples, tokenizer.pad_token_id, layout)) for layout in LAYOUTS}
+    layouts = args.layouts.split(",")
+    runs = {f"cl-runner ({layout})": (lambda layout=layout: ours(cfg, model, examples, tokenizer.pad_token_id, layout)) for layout in layouts}
     runs["HF Trainer (default)"] = lambda: reference(cfg, model, tokenizer, examples, group_by_length=False)
     runs["HF Trainer (group_by_length)"] = lambda: reference(cfg, model, tokenizer, examples, group_by_length=True)
     results = {name: [] for name in runs}
@@ -121,7 +123,7 @@ def main() -> None:
     best = {k: max(v) for k, v in results.items()}
     for name, value in best.items():
         print(f"{name:30s} {value:8.1f} non-padding tokens/s (best of {args.repeats})")
-    for layout in LAYOUTS:
+    for layout in layouts:
         for name in ("HF Trainer (default)", "HF Trainer (group_by_length)"):
             print(f"ratio cl-runner ({layout}) / {name}: {best[f'cl-runner ({layout})'] / best[name]:.2f}")
 
