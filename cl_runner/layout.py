@@ -67,9 +67,11 @@ def _unsupported_by_config(model, longest: int) -> bool:
 
 def supports_shared_prefix(model, longest: int = 0) -> bool:
     """Whether a prefix can run once and rows continue it from its cached keys and values (checked like the tree)."""
-    if _unsupported_by_config(model, longest):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # Checkpointed layers drop the cache in training, and the rows would lose their prefix.
+    if _unsupported_by_config(model, longest) or getattr(base, "is_gradient_checkpointing", False):
         return False
-    return _verified_once(model, "shared_prefix", lambda seqs, targets: shared_prefix_layout(seqs, targets, 0))
+    return _verified_once(model, "shared_prefix", lambda seqs, targets: shared_prefix_layout(seqs, targets, 0), first_target=4)
 
 
 def supports_tree_layout(model, longest: int = 0) -> bool:
@@ -85,14 +87,14 @@ def supports_tree_layout(model, longest: int = 0) -> bool:
     if _unsupported_by_config(model, longest):
         return False
     dtype = next(model.parameters()).dtype
-    return _verified_once(model, "tree", lambda seqs, targets: _tree(seqs, targets, 0, 64, True, model.config._attn_implementation, dtype))
+    return _verified_once(model, "tree", lambda seqs, targets: _tree(seqs, targets, 0, 64, True, model.config._attn_implementation, dtype), first_target=1)
 
 
-def _verified_once(model, kind: str, build) -> bool:
+def _verified_once(model, kind: str, build, first_target: int) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     verdicts = _verified.setdefault(base, {})
     if kind not in verdicts:
-        verdicts[kind] = _matches_padded(model, build)
+        verdicts[kind] = _matches_padded(model, build, first_target)
     return verdicts[kind]
 
 
@@ -105,10 +107,13 @@ def _has_non_attention_layers(config) -> bool:
 
 
 @torch.no_grad()
-def _matches_padded(model, build) -> bool:
-    """Run two sequences sharing a prefix padded and in the layout ``build`` makes; use the layout only if the logits agree."""
+def _matches_padded(model, build, first_target: int) -> bool:
+    """Run two sequences sharing a prefix padded and in the layout ``build`` makes; use the layout only if the logits agree.
+
+    The logits are compared from ``first_target - 1`` on (a shared prefix is never read; a tree is read everywhere).
+    """
     sequences = [[11, 12, 13, 14, 15, 16], [11, 12, 13, 17, 18]]
-    targets = [range(4, len(s)) for s in sequences]
+    targets = [range(first_target, len(s)) for s in sequences]
     was_training = model.training
     model.eval()
     try:

@@ -362,6 +362,39 @@ def test_choice_loglikelihoods_equal_hand_computed_ones(llama3_style, tree):
         assert scores == pytest.approx(expected, abs=1e-4)
 
 
+def test_choices_scored_after_a_shared_prefix_equal_hand_computed_ones(llama3_style):
+    from cl_runner.forward import forward_selected
+    from cl_runner.layout import shared_prefix_layout
+
+    model, tokenizer = llama3_style
+    formatter = PromptFormatter(tokenizer)
+    requests = [formatter.encode_choices(Example(f"Which continent is {c} in?", "Asia", CONTINENTS)) for c in ("Japan", "Chile")]
+    sequences = [r.prompt + c for r in requests for c in r.choices]
+    laid = shared_prefix_layout(sequences, [range(len(r.prompt), len(r.prompt) + len(c)) for r in requests for c in r.choices], 0)
+    assert laid is not None and laid.model_inputs["prefix_ids"].shape[1] > 5
+    with torch.no_grad():
+        logits = forward_selected(model, laid.input_ids, laid.read_rows, laid.read_cols, **laid.model_inputs).logits
+    token_logprobs = logits.log_softmax(-1).gather(1, laid.targets[:, None])[:, 0]
+    ours = torch.zeros(len(sequences)).index_add_(0, laid.owners, token_logprobs).tolist()
+    expected = hand_scored(model, [(r.prompt + c, len(r.prompt)) for r in requests for c in r.choices])
+    assert ours == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_shared_prefix_never_holds_a_read_position():
+    from cl_runner.layout import shared_prefix_layout
+
+    assert shared_prefix_layout([[1, 2, 3], [1, 2, 3]], [[1, 2], [1, 2]], 0) is None  # identical, read from the first token on
+    one = shared_prefix_layout([[1, 2, 3, 4]], [[3]], 0)
+    assert one.model_inputs["prefix_ids"].tolist() == [[1, 2]] and one.read_cols.tolist() == [0]
+    cases = [([[1, 2, 3, 4, 5], [1, 2, 3]], [[4], [2]]), ([[1, 2, 3, 4, 5], [1, 2, 3, 4, 6]], [[4], [4]]), ([[7, 8, 9, 10], [7, 8, 9]], [[], [2]])]
+    for sequences, targets in cases:
+        laid = shared_prefix_layout(sequences, targets, 0)
+        prefix = laid.model_inputs["prefix_ids"].shape[1]
+        assert prefix <= min(i for t in targets for i in t) - 1 and bool((laid.read_cols >= 0).all())
+        assert laid.model_inputs["position_ids"][0, 0] == prefix
+        assert laid.targets.tolist() == [sequences[s][i] for s, t in enumerate(targets) for i in t]
+
+
 def test_prompt_tuned_models_are_scored_through_their_virtual_tokens(tiny_model_and_tokenizer):
     model = wrapped(tiny_model_and_tokenizer[0], "prompt_tuning").eval()
     formatter = PromptFormatter(tiny_model_and_tokenizer[1])

@@ -42,8 +42,9 @@ class ContinualMethod:
         ``outputs.loss`` is the micro-batch's mean answer-token cross-entropy (what
         ``model(**batch).loss`` would be), ``outputs.token_losses`` each answer token's, and
         ``outputs.last_hidden_state`` the decoder's output aligned with ``batch["input_ids"]``.
-        In the packed layouts (``trainer.batch_layout``) a row holds several examples: answer
-        token n is read at ``(batch["read_rows"][n], batch["read_cols"][n])``. A method that
+        In the packed layouts (``trainer.batch_layout``) a row holds several examples, and with
+        a shared prefix only what follows the prefix: answer token n is read at
+        ``(batch["read_rows"][n], batch["read_cols"][n])``. A method that
         needs other internals registers forward hooks in ``setup``.
         """
         return None

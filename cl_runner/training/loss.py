@@ -21,7 +21,8 @@ class LossOutput:
     plus the model's own auxiliary loss, e.g. an MoE router's); ``token_losses`` the
     cross-entropy of each answer token, in the order of ``batch["targets"]``;
     ``last_hidden_state`` the decoder's output aligned with ``input_ids`` (in a packed batch,
-    rows hold several examples: read it through ``read_rows``/``read_cols``).
+    rows hold several examples; with a shared prefix, rows hold only what follows it: read
+    it through ``read_rows``/``read_cols``).
     """
 
     loss: torch.Tensor
