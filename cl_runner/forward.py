@@ -35,17 +35,20 @@ def is_prompt_learning(model) -> bool:
     return bool(getattr(config, "is_prompt_learning", False))
 
 
+def base_model(model) -> torch.nn.Module:
+    """The transformers model inside a PEFT wrapper (the model itself when unwrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def output_head(model) -> torch.nn.Module | None:
     """The module that maps hidden states to vocabulary logits, looked up through PEFT wrappers."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    getter = getattr(base, "get_output_embeddings", None)
+    getter = getattr(base_model(model), "get_output_embeddings", None)
     return getter() if getter is not None else None
 
 
 def cache_argument(model) -> str:
     """The name under which this transformers version's forward takes a KV cache."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(base_model(model).forward).parameters else "past_key_values"
 
 
 def forward_selected(model, input_ids: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, prefix_ids: torch.Tensor | None = None,

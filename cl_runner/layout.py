@@ -6,6 +6,8 @@ choice tokens in scoring. A layout puts the sequences into rows and says, for ev
 at which ``(row, column)`` its logits are read.
 
 - ``padded_layout``: one sequence per row, right-padded, the usual 2-D attention mask.
+- ``shared_prefix_layout``: the tokens all sequences start with run once; each sequence's rest is
+  a padded row continuing from their cached keys and values.
 - ``tree_layout``: the sequences are merged into a prefix tree (a trie) and its nodes laid out in
   rows, each token attending to its ancestors only, with its depth as position id. Tokens that
   several sequences share at the start (the chat template's header, the system prompt, the
@@ -27,8 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-from cl_runner.forward import forward_selected, is_prompt_learning
+from cl_runner.forward import base_model, forward_selected, is_prompt_learning
 
+LAYOUTS = ("auto", "padded", "shared_prefix", "packed", "prefix_tree")  # the names build_layout takes
 TREE_ATTENTION = ("sdpa", "eager")  # implementations that take a custom 4-D mask
 
 
@@ -61,15 +64,13 @@ def _unsupported_by_config(model, longest: int) -> bool:
     window = getattr(config, "sliding_window", None)
     if window is not None and longest > window:
         return True
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "position_ids" not in inspect.signature(base.forward).parameters
+    return "position_ids" not in inspect.signature(base_model(model).forward).parameters
 
 
 def supports_shared_prefix(model, longest: int = 0) -> bool:
     """Whether a prefix can run once and rows continue it from its cached keys and values (checked like the tree)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     # Checkpointed layers drop the cache in training, and the rows would lose their prefix.
-    if _unsupported_by_config(model, longest) or getattr(base, "is_gradient_checkpointing", False):
+    if _unsupported_by_config(model, longest) or getattr(base_model(model), "is_gradient_checkpointing", False):
         return False
     return _verified_once(model, "shared_prefix", lambda seqs, targets: shared_prefix_layout(seqs, targets, 0), first_target=4)
 
@@ -86,13 +87,11 @@ def supports_tree_layout(model, longest: int = 0) -> bool:
     """
     if _unsupported_by_config(model, longest):
         return False
-    dtype = next(model.parameters()).dtype
-    return _verified_once(model, "tree", lambda seqs, targets: _tree(seqs, targets, 0, 64, True, model.config._attn_implementation, dtype), first_target=1)
+    return _verified_once(model, "tree", lambda seqs, targets: tree_layout(model, seqs, targets, 0, capacity=64, share_prefixes=True), first_target=1)
 
 
 def _verified_once(model, kind: str, build, first_target: int) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    verdicts = _verified.setdefault(base, {})
+    verdicts = _verified.setdefault(base_model(model), {})
     if kind not in verdicts:
         verdicts[kind] = _matches_padded(model, build, first_target)
     return verdicts[kind]
@@ -240,8 +239,12 @@ def attention_mask_4d(allowed: torch.Tensor, attn_implementation: str, dtype: to
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def _tree(sequences, target_positions, pad_id: int, capacity: int, share_prefixes: bool, attn_implementation: str, dtype: torch.dtype) -> Layout:
-    """The sequences as prefix-tree rows of at most ``capacity`` tokens each (a longer sequence gets a row of its own)."""
+def tree_layout(model, sequences: Sequence[Sequence[int]], target_positions: Sequence[Sequence[int]], pad_id: int, *, capacity: int,
+                share_prefixes: bool) -> Layout:
+    """The sequences as rows of a prefix tree (``share_prefixes``) or plainly packed, at most ``capacity`` tokens per row.
+
+    A longer sequence gets a row of its own. The mask takes the form ``model``'s attention expects.
+    """
     rows: list[_TreeRow] = []
     columns, row_of = [], []
     for seq in sequences:
@@ -256,7 +259,8 @@ def _tree(sequences, target_positions, pad_id: int, capacity: int, share_prefixe
         input_ids[r, : len(row.tokens)] = torch.tensor(row.tokens, dtype=torch.long)
         position_ids[r, : len(row.depths)] = torch.tensor(row.depths, dtype=torch.long)
     allowed = torch.stack([row.ancestors(width) for row in rows])
-    model_inputs = {"attention_mask": attention_mask_4d(allowed, attn_implementation, dtype), "position_ids": position_ids}
+    mask = attention_mask_4d(allowed, model.config._attn_implementation, next(model.parameters()).dtype)
+    model_inputs = {"attention_mask": mask, "position_ids": position_ids}
     return Layout(input_ids, model_inputs, *_read_spec(columns, row_of, sequences, target_positions))
 
 
@@ -280,12 +284,6 @@ def layout_cost(layout: Layout) -> float:
     return SHARED_PREFIX_OVERHEAD + prefix * (1 + prefix * ATTENTION_PAIR_COST) + rows * width * (1 + (prefix + width) * ATTENTION_PAIR_COST)
 
 
-def tree_layout(sequences: Sequence[Sequence[int]], target_positions: Sequence[Sequence[int]], pad_id: int, *, capacity: int,
-                share_prefixes: bool, attn_implementation: str, dtype: torch.dtype) -> Layout:
-    """The sequences as rows of a prefix tree (``share_prefixes``) or plainly packed, ``capacity`` tokens per row."""
-    return _tree(sequences, target_positions, pad_id, capacity, share_prefixes, attn_implementation, dtype)
-
-
 def cheapest_layout(model, sequences: Sequence[Sequence[int]], target_positions: Sequence[Sequence[int]], pad_id: int, capacity: int) -> Layout:
     """Of the layouts the model supports, the one estimated cheapest (``layout_cost``).
 
@@ -301,8 +299,20 @@ def cheapest_layout(model, sequences: Sequence[Sequence[int]], target_positions:
     if prefixed is not None and supports_shared_prefix(model, longest):
         candidates.append(prefixed)
     if supports_tree_layout(model, longest):
-        dtype, attn = next(model.parameters()).dtype, model.config._attn_implementation
         # Shorter rows share less but pay less attention: try the row size and its halves.
         capacities = sorted({c for c in (capacity, capacity // 2, capacity // 4) if c >= longest} or {capacity})
-        candidates += [_tree(sequences, target_positions, pad_id, c, True, attn, dtype) for c in capacities]
+        candidates += [tree_layout(model, sequences, target_positions, pad_id, capacity=c, share_prefixes=True) for c in capacities]
     return min(candidates, key=layout_cost)
+
+
+def build_layout(model, name: str, sequences: Sequence[Sequence[int]], target_positions: Sequence[Sequence[int]], pad_id: int, capacity: int) -> Layout:
+    """The layout called ``name`` (one of ``LAYOUTS``), or padded rows where ``model`` cannot take it."""
+    longest = max(len(s) for s in sequences)
+    if name == "auto":
+        return cheapest_layout(model, sequences, target_positions, pad_id, capacity)
+    laid = None
+    if name == "shared_prefix" and supports_shared_prefix(model, longest):
+        laid = shared_prefix_layout(sequences, target_positions, pad_id)
+    elif name in ("packed", "prefix_tree") and supports_tree_layout(model, longest):
+        laid = tree_layout(model, sequences, target_positions, pad_id, capacity=capacity, share_prefixes=name == "prefix_tree")
+    return laid or padded_layout(sequences, target_positions, pad_id)

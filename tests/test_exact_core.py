@@ -154,7 +154,7 @@ def test_models_that_cannot_take_a_tree_are_trained_padded():
     """Router losses are counted over the whole row, and convolution layers see it all: both get padded rows."""
     from transformers import Lfm2Config, Lfm2ForCausalLM, MixtralConfig, MixtralForCausalLM
 
-    from cl_runner.layout import supports_shared_prefix, supports_tree_layout
+    from cl_runner.layout import _unsupported_by_config, supports_shared_prefix, supports_tree_layout
 
     torch.manual_seed(0)
     models = [
@@ -165,6 +165,7 @@ def test_models_that_cannot_take_a_tree_are_trained_padded():
     ]
     examples, batch = random_batch(96)
     for model in models:
+        assert _unsupported_by_config(model, 12)  # told by the config alone, before any probe runs
         assert not supports_tree_layout(model.eval(), 12) and not supports_shared_prefix(model, 12)
         for layout in ("auto", "prefix_tree"):
             laid = training_batch(model, examples, [1.0] * 3, 0, layout, row_tokens=1024)
@@ -350,13 +351,13 @@ def test_choices_are_scored_on_exactly_the_training_targets(llama3_style):
             assert eot in tokens  # "North" is scored as a whole answer, not as the start of "North America"
 
 
-@pytest.mark.parametrize("tree", [True, False, None])  # None: the cheapest layout, here a shared prefix or the tree
-def test_choice_loglikelihoods_equal_hand_computed_ones(llama3_style, tree):
+@pytest.mark.parametrize("layout", ["prefix_tree", "padded", "auto"])  # auto: the cheapest layout, here a shared prefix or the tree
+def test_choice_loglikelihoods_equal_hand_computed_ones(llama3_style, layout):
     model, tokenizer = llama3_style
     formatter = PromptFormatter(tokenizer)
     examples = [Example(f"Which continent is {c} in?", "Asia", CONTINENTS) for c in ("Japan", "the country with the longest name here", "Chile")]
     requests = [formatter.encode_choices(e) for e in examples]
-    ours = choice_loglikelihoods(model, requests, tokenizer.pad_token_id, batch_size=2, device="cpu", tree=tree)
+    ours = choice_loglikelihoods(model, requests, tokenizer.pad_token_id, batch_size=2, device="cpu", layout=layout)
     for request, scores in zip(requests, ours):
         expected = hand_scored(model, [(request.prompt + c, len(request.prompt)) for c in request.choices])
         assert scores == pytest.approx(expected, abs=1e-4)

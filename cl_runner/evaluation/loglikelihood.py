@@ -20,36 +20,32 @@ import torch
 
 from cl_runner.formatting import ChoiceRequest
 from cl_runner.forward import forward_selected
-from cl_runner.layout import Layout, cheapest_layout, padded_layout, tree_layout
+from cl_runner.layout import Layout, build_layout
 
 
-def _layout(model, requests: Sequence[ChoiceRequest], pad_id: int, row_tokens: int, tree: bool | None) -> Layout:
+def _layout(model, requests: Sequence[ChoiceRequest], pad_id: int, row_tokens: int, layout: str) -> Layout:
     sequences = [r.prompt + c for r in requests for c in r.choices]
     targets = [range(len(r.prompt), len(r.prompt) + len(c)) for r in requests for c in r.choices]
     capacity = max(row_tokens, max(len(s) for s in sequences))  # a long item still shares its prompt across its choices
-    if tree is None:
-        return cheapest_layout(model, sequences, targets, pad_id, capacity)
-    if tree:
-        return tree_layout(sequences, targets, pad_id, capacity=capacity, share_prefixes=True,
-                           attn_implementation=model.config._attn_implementation, dtype=next(model.parameters()).dtype)
-    return padded_layout(sequences, targets, pad_id)
+    return build_layout(model, layout, sequences, targets, pad_id, capacity)
 
 
 @torch.no_grad()
 def choice_loglikelihoods(model, requests: Sequence[ChoiceRequest], pad_id: int, batch_size: int, device,
-                          row_tokens: int = 1024, tree: bool | None = None) -> list[list[float]]:
+                          row_tokens: int = 1024, layout: str = "auto") -> list[list[float]]:
     """Summed log-probability of each choice's tokens after its prompt: ``scores[item][choice]``.
 
-    ``batch_size`` items go into one forward pass. ``tree=None`` picks, per batch, the prefix
-    tree or one padded row per choice, whichever costs less on a model that supports the tree
-    (``cheapest_layout``); ``True``/``False`` force one (tests compare them).
+    ``batch_size`` items go into one forward pass. ``layout="auto"`` picks, per batch, the
+    cheapest layout the model supports (one padded row per choice, a shared prefix, or a prefix
+    tree: ``cheapest_layout``); another name of ``layout.LAYOUTS`` asks for that one (tests
+    compare them).
     """
     # Items of similar length share a forward pass: less padding between rows. Longest first, like lm-eval.
     order = sorted(range(len(requests)), key=lambda i: -(len(requests[i].prompt) + sum(map(len, requests[i].choices))))
     scores: list[list[float]] = [[] for _ in requests]
     for start in range(0, len(order), batch_size):
         batch = [requests[i] for i in order[start : start + batch_size]]
-        laid = _layout(model, batch, pad_id, row_tokens, tree).to(device)
+        laid = _layout(model, batch, pad_id, row_tokens, layout).to(device)
         logits = forward_selected(model, laid.input_ids, laid.read_rows, laid.read_cols, **laid.model_inputs).logits
         token_logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, laid.targets[:, None])[:, 0]
         sums = torch.zeros(int(laid.owners.max()) + 1, dtype=torch.float64, device=token_logprobs.device)

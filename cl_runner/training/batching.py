@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from cl_runner.formatting import IGNORE_INDEX, TokenizedExample
-from cl_runner.layout import cheapest_layout, pad_right, padded_layout, shared_prefix_layout, supports_shared_prefix, supports_tree_layout, tree_layout
+from cl_runner.layout import LAYOUTS, build_layout, pad_right
 
 
 def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.Random, window: int = 32) -> list[list[int]]:
@@ -50,7 +50,7 @@ def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-BATCH_LAYOUTS = ("auto", "padded", "shared_prefix", "packed", "prefix_tree")
+BATCH_LAYOUTS = LAYOUTS
 
 
 def training_batch(model, examples: Sequence[TokenizedExample], weights: Sequence[float], pad_token_id: int, layout: str, row_tokens: int) -> dict[str, torch.Tensor]:
@@ -61,17 +61,7 @@ def training_batch(model, examples: Sequence[TokenizedExample], weights: Sequenc
     """
     sequences = [e.input_ids for e in examples]
     targets = [[i for i, label in enumerate(e.labels) if label != IGNORE_INDEX and i > 0] for e in examples]
-    longest = max(len(s) for s in sequences)
-    if layout == "auto":
-        laid = cheapest_layout(model, sequences, targets, pad_token_id, row_tokens)
-    elif layout == "shared_prefix":
-        laid = shared_prefix_layout(sequences, targets, pad_token_id) if supports_shared_prefix(model, longest) else None
-        laid = laid or padded_layout(sequences, targets, pad_token_id)
-    elif layout in ("packed", "prefix_tree") and supports_tree_layout(model, longest):
-        laid = tree_layout(sequences, targets, pad_token_id, capacity=row_tokens, share_prefixes=layout == "prefix_tree",
-                           attn_implementation=model.config._attn_implementation, dtype=next(model.parameters()).dtype)
-    else:
-        laid = padded_layout(sequences, targets, pad_token_id)
+    laid = build_layout(model, layout, sequences, targets, pad_token_id, row_tokens)
     target_weights = torch.tensor([weights[owner] for owner in laid.owners.tolist()], dtype=torch.float32)
     return {"input_ids": laid.input_ids, **laid.model_inputs, "read_rows": laid.read_rows, "read_cols": laid.read_cols,
             "targets": laid.targets, "target_weights": target_weights}
