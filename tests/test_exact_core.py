@@ -63,6 +63,26 @@ def random_batch(vocab: int, lengths=(9, 6, 12), answers=(2, 3, 5), seed=0):
     return examples, collate(examples, 0)
 
 
+def tiny_gemma2():
+    """A random 2-layer Gemma 2: logit soft-capping after the head, eager attention with its own soft-capping."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                          head_dim=16, final_logit_softcapping=0.7, attn_logit_softcapping=50.0, sliding_window=64, pad_token_id=0)
+    torch.manual_seed(0)
+    return sharpened(Gemma2ForCausalLM(config).eval())
+
+
+def tiny_mixtral():
+    """A random 2-layer Mixtral that returns its router's load-balancing loss."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                           num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5, pad_token_id=0)
+    torch.manual_seed(0)
+    return MixtralForCausalLM(config).eval()
+
+
 @pytest.mark.parametrize("method", ["none", *PEFT_CONFIGS])
 def test_loss_equals_the_models_own_loss_through_peft_wrappers(tiny_model_and_tokenizer, method):
     base, tokenizer = tiny_model_and_tokenizer
@@ -87,12 +107,7 @@ def test_gradients_reach_virtual_token_parameters(tiny_model_and_tokenizer, meth
 
 
 def test_loss_keeps_gemma2_logit_soft_capping():
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    config = Gemma2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                          head_dim=16, final_logit_softcapping=0.7, attn_logit_softcapping=50.0, sliding_window=64, pad_token_id=0)
-    torch.manual_seed(0)
-    model = sharpened(Gemma2ForCausalLM(config).eval())
+    model = tiny_gemma2()
     _, batch = random_batch(96)
     reference = float(model(**batch).loss)
     assert float(answer_token_loss(model, batch).loss) == pytest.approx(reference, abs=2e-5)
@@ -101,12 +116,7 @@ def test_loss_keeps_gemma2_logit_soft_capping():
 
 
 def test_loss_includes_the_moe_router_loss():
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    config = MixtralConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                           num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5, pad_token_id=0)
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(config).eval()
+    model = tiny_mixtral()
     _, batch = random_batch(96)
     ours = answer_token_loss(model, batch)
     assert ours.aux_loss is not None and float(ours.aux_loss) > 0.1
@@ -133,12 +143,7 @@ def test_packed_layouts_give_the_padded_loss_and_gradients(tiny_model_and_tokeni
 
 def test_eager_attention_with_several_padded_rows_gives_the_padded_loss():
     """Gemma 2 uses eager attention (additive float mask); a small row size forces several rows and padding."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    config = Gemma2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                          head_dim=16, final_logit_softcapping=0.7, attn_logit_softcapping=50.0, sliding_window=64, pad_token_id=0)
-    torch.manual_seed(0)
-    model = sharpened(Gemma2ForCausalLM(config).eval())
+    model = tiny_gemma2()
     assert model.config._attn_implementation == "eager"
     examples, batch = random_batch(96, lengths=(9, 6, 12, 7), answers=(2, 3, 5, 1))
     examples = [TokenizedExample(examples[0].input_ids[:4] + e.input_ids[4:], examples[0].labels[:4] + e.labels[4:]) for e in examples]  # a shared start
@@ -152,14 +157,13 @@ def test_eager_attention_with_several_padded_rows_gives_the_padded_loss():
 
 def test_models_that_cannot_take_a_tree_are_trained_padded():
     """Router losses are counted over the whole row, and convolution layers see it all: both get padded rows."""
-    from transformers import Lfm2Config, Lfm2ForCausalLM, MixtralConfig, MixtralForCausalLM
+    from transformers import Lfm2Config, Lfm2ForCausalLM
 
     from cl_runner.layout import _unsupported_by_config, supports_shared_prefix, supports_tree_layout
 
     torch.manual_seed(0)
     models = [
-        MixtralForCausalLM(MixtralConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                                         num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, pad_token_id=0)),
+        tiny_mixtral(),
         Lfm2ForCausalLM(Lfm2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                    num_key_value_heads=1, layer_types=["conv", "full_attention"], pad_token_id=0)),
     ]
