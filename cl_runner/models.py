@@ -117,6 +117,9 @@ def build_tiny_llama(
 
 def load_hf(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False, revision: str | None = None, attn_implementation: str | None = None):
     """Any causal LM from the Hugging Face hub or a local directory, loaded directly in ``dtype``."""
+    local = Path(name_or_path).expanduser()
+    if name_or_path.startswith(("/", ".", "~")) and not local.is_dir():
+        raise UserError(f"model.name_or_path: model directory '{name_or_path}' not found (looked at {local.resolve()})")
     kwargs = {"trust_remote_code": trust_remote_code, "revision": revision, "dtype": DTYPES.get(dtype, torch.float32)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -124,7 +127,9 @@ def load_hf(name_or_path: str, dtype: str = "float32", trust_remote_code: bool =
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as exc:  # not found, no access, offline, unsupported architecture
-        raise UserError(f"could not load model '{name_or_path}': {str(exc).splitlines()[0]}") from exc
+        hint = "" if local.is_dir() else "; without network, point model.name_or_path at a local copy of the model"
+        reason = str(exc).strip().splitlines()[0].rstrip(".")
+        raise UserError(f"could not load model '{name_or_path}': {reason}{hint}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -144,11 +149,11 @@ def resolve_device(name: str) -> torch.device:
 
 def load_model(cfg) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Instantiate ``cfg.loader`` and apply the model config's dtype."""
-    from hydra.utils import instantiate
+    from cl_runner.config import build
 
     if cfg.dtype not in DTYPES:
         raise UserError(f"model.dtype '{cfg.dtype}' is not one of {list(DTYPES)}")
-    model, tokenizer = instantiate(cfg.loader)
+    model, tokenizer = build(cfg.loader, "model.loader")
     model.to(DTYPES[cfg.dtype])
     model.config.use_cache = False  # training never needs the KV cache; generation turns it on
     return model, tokenizer

@@ -12,10 +12,14 @@ from cl_runner.errors import UserError
 
 
 def lora_config(settings) -> LoraConfig:
-    """A causal-LM LoraConfig from the method YAML's ``lora:`` block."""
+    """A causal-LM LoraConfig from the method YAML's ``lora:`` block; a bad setting is a one-line UserError."""
     settings = dict(settings)
-    settings["target_modules"] = list(settings["target_modules"]) if not isinstance(settings["target_modules"], str) else settings["target_modules"]
-    return LoraConfig(task_type="CAUSAL_LM", **settings)
+    if not isinstance(settings.get("target_modules"), (str, type(None))):
+        settings["target_modules"] = list(settings["target_modules"])
+    try:
+        return LoraConfig(task_type="CAUSAL_LM", **settings)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"method.lora: {str(exc).strip().splitlines()[0]}") from exc
 
 
 def save_adapter(model, path: Path, adapter_name: str = "default") -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 VERSIONED_PACKAGES = ("cl-runner", "torch", "transformers", "peft", "hydra-core", "omegaconf", "datasets", "wandb", "safetensors")
@@ -29,3 +31,18 @@ def git_state() -> dict | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": commit, "dirty": bool(dirty)}
+
+
+def invocation_record(device: str, tasks_completed: int) -> dict:
+    """Where and with what one invocation ran: device, thread count and versions change floating-point results."""
+    import torch
+
+    return {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": socket.gethostname(),
+        "device": device,
+        "num_threads": torch.get_num_threads(),
+        "tasks_completed_at_start": tasks_completed,
+        "versions": package_versions(),
+        "git": git_state(),
+    }

@@ -35,8 +35,10 @@ class InstructionReplay:
     """Earlier tasks' examples plus general instruction data: ``ratio`` of every batch and of its loss weight."""
 
     def __init__(self, ratio: float = 0.2, per_task: int = 100, general_task: str | None = "general_instructions", seed: int = 0):
-        if not 0 < ratio < 1:
-            raise UserError(f"replay.ratio must be in (0, 1), got {ratio}")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+            raise UserError(f"replay.ratio must be a number in (0, 1), got {ratio!r}")
+        if isinstance(per_task, bool) or not isinstance(per_task, int) or per_task < 0:
+            raise UserError(f"replay.per_task must be a non-negative integer, got {per_task!r}")
         self.ratio = ratio
         self.per_task = per_task
         self.general_task = general_task

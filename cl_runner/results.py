@@ -6,8 +6,12 @@ from cl_runner.metrics import all_metrics
 from cl_runner.provenance import git_state, package_versions
 
 
-def build_results(task_names, acc_matrix, general, timing, train_stats, config, task_scores=None) -> dict:
-    """``acc_matrix[t][i]`` holds task i's own metric; ``task_scores[t][i]`` every score it has (``acc`` and ``acc_norm``)."""
+def build_results(task_names, acc_matrix, general, timing, train_stats, config, task_scores=None, invocations=None) -> dict:
+    """``acc_matrix[t][i]`` holds task i's own metric; ``task_scores[t][i]`` every score it has (``acc`` and ``acc_norm``).
+
+    ``versions`` and ``git`` describe the invocation that finished the run; ``invocations``
+    lists every invocation that contributed rows (a resumed run may mix devices or versions).
+    """
     return {
         "tasks": list(task_names),
         "acc_matrix": acc_matrix,
@@ -19,5 +23,6 @@ def build_results(task_names, acc_matrix, general, timing, train_stats, config, 
         "train": train_stats,
         "versions": package_versions(),
         "git": git_state(),
+        "invocations": list(invocations or []),
         "config": config,
     }

@@ -49,6 +49,8 @@ class RunState:
     task_scores: list[list[dict]] = field(default_factory=list)  # every score of every task, per row
     train_stats: list[dict] = field(default_factory=list)
     timing: dict = field(default_factory=lambda: {"train_s": [], "eval_s": []})
+    data: dict = field(default_factory=dict)  # task name -> {"train": hash, "test": hash} (Task.fingerprint)
+    invocations: list[dict] = field(default_factory=list)  # provenance.invocation_record() of each invocation
 
     @property
     def tasks_completed(self) -> int:
@@ -65,11 +67,11 @@ class RunState:
         return [self.checkpoint_dir(t) for t in range(self.tasks_completed)]
 
     @classmethod
-    def open(cls, run_dir: Path, settings: dict, tasks: list[str]) -> RunState:
-        """Load the state of ``run_dir`` or start a new one; refuse a run with other settings."""
+    def open(cls, run_dir: Path, settings: dict, tasks: list[str], data: dict) -> RunState:
+        """Load the state of ``run_dir`` or start a new one; refuse a run with other settings or other data."""
         path = run_dir / STATE_FILE
         if not path.exists():
-            return cls(run_dir, settings, tasks)
+            return cls(run_dir, settings, tasks, data=data)
         try:
             saved = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
@@ -86,11 +88,19 @@ class RunState:
                 f"run directory {run_dir} holds a run with other settings ({detail}); "
                 "use another directory (hydra.run.dir=...) or delete this one"
             )
-        state = cls(run_dir, settings, tasks, saved["acc_matrix"], saved["general"], saved["task_scores"], saved["train_stats"], saved["timing"])
+        _refuse_other_data(run_dir, saved.get("data", {}), data)
+        state = cls(
+            run_dir, settings, tasks, saved["acc_matrix"], saved["general"], saved["task_scores"], saved["train_stats"], saved["timing"],
+            data, saved.get("invocations", []),
+        )
         missing = [str(p) for p in state.completed_checkpoints() if not p.is_dir()]
         if missing:
             raise UserError(f"{path} lists checkpoints that are missing ({missing[0]}); delete the run directory to start over")
         return state
+
+    def record_invocation(self, record: dict) -> None:
+        """Remember this invocation; it reaches state.json with the first row it completes."""
+        self.invocations.append(record)
 
     def save(self) -> None:
         data = asdict(self)
@@ -116,3 +126,15 @@ class RunState:
         self.timing["train_s"].append(stats["seconds"])
         self.record_row(scores, task_scores, general, eval_seconds)
         self.save()
+
+
+def _refuse_other_data(run_dir: Path, saved: dict, current: dict) -> None:
+    for task, splits in current.items():
+        for split, digest in splits.items():
+            before = saved.get(task, {}).get(split)
+            if before is not None and before != digest:
+                raise UserError(
+                    f"task '{task}': its {split} data differs from what run directory {run_dir} was trained and scored on "
+                    "(a data file was edited, or a relative path now resolves elsewhere); restore the data, "
+                    "or use another directory (hydra.run.dir=...)"
+                )

@@ -18,18 +18,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
+from cl_runner.config import build
 from cl_runner.errors import UserError
 from cl_runner.evaluation import evaluate_task, evaluate_tasks
 from cl_runner.formatting import PromptFormatter
 from cl_runner.models import load_model, resolve_device
 from cl_runner.atomic_io import write_json_atomic
 from cl_runner.plots import plot_heatmap
+from cl_runner.provenance import invocation_record
 from cl_runner.results import build_results
+from cl_runner.run_lock import RunLock
 from cl_runner.run_state import RunState, result_settings
+from cl_runner.sweep import clear_error_file
 from cl_runner.tasks import Task, load_task_sequence
 from cl_runner.training import TrainingLoop, check_trainer_config, require_setting
 
@@ -37,37 +40,41 @@ log = logging.getLogger("cl_runner")
 
 
 class EventLog:
-    """``train_log.jsonl``: one JSON object per training step and per evaluation row."""
+    """``train_log.jsonl``: one JSON object per line, per training step and per evaluation row.
+
+    The logger receives each record with its line number as ``step``: the file only grows,
+    so steps keep increasing across invocations and a resumed run stays one W&B run.
+    """
 
     def __init__(self, path: Path, logger):
         self.path = path
         self.logger = logger
+        self.lines = 0
         # A run killed mid-write leaves a partial last line: end it so the next record starts clean.
         if path.exists() and path.stat().st_size:
             with path.open("rb+") as handle:
                 handle.seek(-1, 2)  # only the last byte matters; the log can be large
                 if handle.read(1) != b"\n":
                     handle.write(b"\n")
+            with path.open("rb") as handle:
+                self.lines = sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
 
-    def write(self, event: dict) -> None:
+    def write(self, event: dict) -> int:
+        """Append ``event``; return its line number (0-based)."""
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(event) + "\n")
+        self.lines += 1
+        return self.lines - 1
 
     def step(self, task_name: str, record: dict) -> None:
-        self.write({"event": "train_step", "task": task_name, **record})
-        self.logger.log_step(record, task_name)
+        line = self.write({"event": "train_step", "task": task_name, **record})
+        self.logger.log_step(record, task_name, step=line)
 
-    def evaluation(self, row: int, task_names: list[str], scores: list[float], general: float | None, task_scores: list[dict] | None = None) -> None:
+    def evaluation(self, row: int, task_names: list[str], scores: list[float], general: float | None, task_scores: list[dict]) -> None:
         event = {"event": "eval", "tasks_learnt": row, "scores": dict(zip(task_names, scores)), "general_probe": general}
-        if task_scores is not None:
-            event["task_scores"] = dict(zip(task_names, task_scores))
-        self.write(event)
-        self.logger.log_evaluation(row, task_names, scores, general, task_scores)
-
-
-def build(node: DictConfig):
-    """Instantiate a config group's ``_target_``; its ``name`` key labels runs and is not an argument."""
-    return instantiate({k: v for k, v in node.items() if k != "name"})
+        event["task_scores"] = dict(zip(task_names, task_scores))
+        line = self.write(event)
+        self.logger.log_evaluation(row, task_names, scores, general, task_scores, step=line)
 
 
 def resolved_config(cfg: DictConfig) -> dict:
@@ -108,7 +115,12 @@ class Experiment:
         # Data first: a bad task file fails here, before anything is written to the run directory.
         self.tasks, self.probe = load_task_sequence(self.config["task_sequence"])
         self.task_names = [t.name for t in self.tasks]
-        self.state = RunState.open(run_dir, result_settings(self.config), self.task_names)
+        # Settings next: a bad method, replay or logger setting fails before the model is loaded.
+        self.method = build(cfg.method, "method")
+        self.replay = build(cfg.replay, "replay")
+        self.logger = build(cfg.logger, "logger")
+        fingerprints = {t.name: t.fingerprint() for t in [*self.tasks, *([self.probe] if self.probe else [])]}
+        self.state = RunState.open(run_dir, result_settings(self.config), self.task_names, fingerprints)
         self.timing: dict = {}
         self._encoded: dict[str, list] = {}
 
@@ -124,14 +136,11 @@ class Experiment:
         started = time.perf_counter()
         model, tokenizer = load_model(self.cfg.model)
         self.formatter = PromptFormatter(tokenizer, self.cfg.model.use_chat_template, self.cfg.model.system_prompt, self.cfg.trainer.max_length)
-        self.method = build(self.cfg.method)
         # Seeded right before the method draws its adapter initialisation: loading may or may
         # not consume random numbers (a first run builds the cached model, later runs do not).
         seed_everything(self.cfg.seed)
         self.model = self.method.setup(model).to(self.device)
-        self.replay = build(self.cfg.replay)
         self.replay.setup(self._encode, list(self.cfg.task_sequence.task_dirs))
-        self.logger = build(self.cfg.logger)
         self.events = EventLog(self.run_dir / "train_log.jsonl", self.logger)
         self.loop = TrainingLoop(self.cfg.trainer, self.device, tokenizer.pad_token_id)
         if self.state.tasks_completed:
@@ -183,6 +192,7 @@ class Experiment:
             log.info("%s is complete: nothing to do (results: %s)", self.run_dir, results_file)
             return json.loads(results_file.read_text())
         total_started = time.perf_counter()
+        self.state.record_invocation(invocation_record(str(self.device), self.state.tasks_completed))
         self._setup()
         self.logger.start(self.run_dir, self.run_dir.name, self.config)
         # Marks each invocation in train_log.jsonl: after a resume, the steps of a task that was
@@ -214,10 +224,13 @@ class Experiment:
     def _finish(self, seconds: float) -> dict:
         self.timing.update(self.state.timing)
         self.timing["this_invocation_s"] = seconds
-        results = build_results(self.task_names, self.state.acc_matrix, self.state.general, self.timing, self.state.train_stats, self.config, self.state.task_scores)
+        results = build_results(
+            self.task_names, self.state.acc_matrix, self.state.general, self.timing, self.state.train_stats, self.config,
+            self.state.task_scores, self.state.invocations,
+        )
         write_json_atomic(self.run_dir / "results.json", results)
         heatmap = plot_heatmap(self.task_names, self.state.acc_matrix, self.run_dir / "acc_matrix.png", title=f"{self.cfg.method.name}: R[t][i]")
-        self.logger.log_results(results, heatmap)
+        self.logger.log_results(results, heatmap, step=self.events.lines)
         metrics = results["metrics"]
         log.info(
             "done: acc %.3f avg_acc %.3f bwt %s fwt %s forgetting %s new_acc %.3f -> %s",
@@ -229,8 +242,9 @@ class Experiment:
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Run (or resume) the experiment described by ``cfg`` in ``run_dir``; return results.json's content."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(cfg.trainer.num_threads)
-    return Experiment(cfg, run_dir).run()
+    with RunLock(run_dir):  # a second process on the same directory is refused here
+        clear_error_file(run_dir)
+        if cfg.trainer.num_threads:
+            torch.set_num_threads(cfg.trainer.num_threads)
+        return Experiment(cfg, run_dir).run()
 

@@ -30,7 +30,7 @@ from cl_runner.formatting import PromptFormatter
 from cl_runner.methods.base import ContinualMethod
 from cl_runner.models import load_model
 from cl_runner.replay import NoReplay
-from cl_runner.runner import build
+from cl_runner.config import build
 from cl_runner.tasks import Example, load_task
 from cl_runner.training import TrainingLoop
 
@@ -58,7 +58,7 @@ def mixed_examples(formatter, count, seed=0):
 
 
 def ours(cfg, base_model, examples, pad_id, layout):
-    method = build(cfg.method)
+    method = build(cfg.method, "method")
     model = method.setup(copy.deepcopy(base_model))
     trainer_cfg = OmegaConf.merge(cfg.trainer, {"batch_layout": layout})
     loop = TrainingLoop(trainer_cfg, torch.device("cpu"), pad_id)

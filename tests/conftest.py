@@ -15,8 +15,8 @@ QUIET = ["trainer.progress_bar=false", "eval.progress_bar=false"]
 SMOKE = ["experiment=smoke", *QUIET]
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 300, **popen) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+def run_cli(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = None, **popen) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run([sys.executable, "-m", "cl_runner", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, **popen)
 
 

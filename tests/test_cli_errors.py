@@ -133,3 +133,71 @@ def test_run_directory_of_an_older_format_is_refused(tmp_path):
     (run_dir / "state.json").write_text(json.dumps(state))
     second = run_cli(["experiment=smoke", f"hydra.run.dir={run_dir}", "task_sequence.eval_size=2", "trainer.max_steps=1", *QUIET], cwd=tmp_path)
     assert_one_clear_line(second, r"was written by another version of cl-runner, which scores tasks differently")
+
+
+# One case per family of user error raised inside a target Hydra instantiates (model loaders,
+# replay, methods, loggers): each must reach the user as the same single line, exit 2.
+INSTANTIATED = {
+    "model package missing": (["experiment=smoke", "model.loader.tokenizer_package=no_such_pkg"], {}, r"model package 'no_such_pkg' is not installed"),
+    "model directory missing": (["model=hf", "model.name_or_path=/nonexistent/model"], {}, r"model directory '/nonexistent/model' not found"),
+    "hub id unreachable": (["model=hf", "model.name_or_path=some-org/some-model"], {"HF_HUB_OFFLINE": "1"}, r"could not load model 'some-org/some-model': .*local copy"),
+    "replay setting": (["experiment=smoke", "replay=instruction", "replay.ratio=2"], {}, r"replay.ratio must be a number in \(0, 1\), got 2"),
+    "method setting": (["experiment=smoke", "+method.lora.rank=8"], {}, r"method.lora: .*unexpected keyword argument 'rank'"),
+    "logger setting": (["experiment=smoke", "logger=wandb", "logger.mode=sometimes"], {}, r"logger.mode 'sometimes' is not one of"),
+    "unknown target argument": (["experiment=smoke", "logger=wandb", "+logger.colour=red"], {}, r"logger: bad settings for cl_runner.loggers.WandbLogger \(.*'colour'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INSTANTIATED))
+def test_errors_inside_instantiated_targets_are_one_line(case, tmp_path):
+    args, env, pattern = INSTANTIATED[case]
+    result = run_cli([*args, *QUIET], cwd=tmp_path, env=env, timeout=180)
+    assert_one_clear_line(result, pattern)
+    assert result.returncode == 2
+    assert not list(tmp_path.rglob("state.json")) and not list(tmp_path.rglob("results.json"))
+
+
+def test_sweep_runs_its_good_jobs_and_reports_the_bad_one(tmp_path):
+    result = run_cli(["-m", "experiment=smoke", "trainer.lr=0.001,-1,0.002", "task_sequence.tasks=[second_word]", *QUIET], cwd=tmp_path, timeout=400)
+    assert result.returncode == 1, result.stderr[-3000:]
+    sweep = tmp_path / "outputs" / "multirun"
+    for lr in ("0.001", "0.002"):
+        done = sweep / f"experiment=smoke,task_sequence.tasks=[second_word],trainer.lr={lr}"
+        assert json.loads((done / "results.json").read_text())["config"]["trainer"]["lr"] == float(lr)
+        assert not (done / "error.txt").exists()
+    bad = sweep / "experiment=smoke,task_sequence.tasks=[second_word],trainer.lr=-1"
+    assert (bad / "error.txt").read_text() == "trainer.lr must be a positive number, got -1\n"
+    assert not (bad / "state.json").exists()
+    errors = [l for l in result.stderr.splitlines() if l.startswith("cl-runner: ")]
+    assert errors == [
+        f"cl-runner: error: job {bad}: trainer.lr must be a positive number, got -1",
+        f"cl-runner: 1 of 3 jobs failed (reasons in their error.txt): {bad}",
+    ]
+    assert "Traceback" not in result.stderr
+
+
+def test_rerun_on_edited_data_is_refused_naming_the_task(tmp_path):
+    data = make_custom_data(tmp_path)
+    args = ["task_sequence=custom_files", "model=tiny", "logger=none", "trainer.max_steps=1", "task_sequence.probe_size=2", "task_sequence.eval_size=1", "hydra.run.dir=run", *QUIET]
+    first = run_cli(args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert set(state["data"]) == {"my_sentiment", "my_summaries", "general_probe"}
+    (data / "summaries.train.csv").write_text("article,summary\nThe dog ran.,A dog ran.\n")
+    second = run_cli(args, cwd=tmp_path)
+    assert_one_clear_line(second, r"task 'my_summaries': its train data differs from what run directory .* was trained and scored on")
+    assert second.returncode == 2
+
+
+def test_rerun_from_a_directory_where_relative_paths_resolve_elsewhere_is_refused(tmp_path):
+    """The run directory is given absolutely; the data files are relative to where cl-runner runs."""
+    first_cwd, second_cwd = tmp_path / "a", tmp_path / "b"
+    for cwd in (first_cwd, second_cwd):
+        cwd.mkdir()
+        make_custom_data(cwd)
+    (second_cwd / "data" / "sentiment.test.jsonl").write_text(json.dumps({"text": "fine", "label": "positive"}) + "\n")
+    args = ["task_sequence=custom_files", "model=tiny", "logger=none", "trainer.max_steps=1", "task_sequence.probe_size=2", f"hydra.run.dir={tmp_path / 'run'}", *QUIET]
+    first = run_cli(args, cwd=first_cwd)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli(args, cwd=second_cwd)
+    assert_one_clear_line(second, r"task 'my_sentiment': its test data differs")

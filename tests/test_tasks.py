@@ -67,13 +67,13 @@ def test_inline_task_from_user_files(tmp_path):
 
 def test_csv_source(tmp_path):
     (tmp_path / "d.csv").write_text("q,a\n2+2,4\n")
-    task = load_task(inline_task(tmp_path, dataset_path="csv", dataset_kwargs={"data_files": str(tmp_path / "d.csv")}))
+    task = load_task(inline_task(tmp_path, dataset_path="csv", dataset_kwargs={"data_files": str(tmp_path / "d.csv")}, test_equals_train=True))
     assert task.train[0].target == "4"
 
 
 def test_missing_data_file_names_the_path(tmp_path):
-    spec = inline_task(tmp_path, dataset_kwargs={"data_files": {"train": "nope.jsonl", "test": "nope.jsonl"}})
-    with pytest.raises(UserError, match=r"task 'sums': data file 'nope.jsonl' for split '.*' not found"):
+    spec = inline_task(tmp_path, dataset_kwargs={"data_files": {"train": "nope.jsonl", "test": "nope.test.jsonl"}})
+    with pytest.raises(UserError, match=r"task 'sums': data file 'nope.test.jsonl' for split 'test' not found"):
         load_task(spec)
 
 
@@ -125,7 +125,7 @@ def test_relative_data_files_follow_the_file_that_names_them(tmp_path, monkeypat
     (tasks_dir / "data").mkdir(parents=True)
     write_jsonl(tasks_dir / "data" / "d.jsonl", [{"q": "in base folder", "a": "x"}])
     (tasks_dir / "base.yaml").write_text(
-        "dataset_path: json\ndataset_kwargs: {data_files: {train: data/d.jsonl, test: data/d.jsonl}}\n"
+        "dataset_path: json\ndataset_kwargs: {data_files: {train: data/d.jsonl, test: data/d.jsonl}}\ntest_equals_train: true\n"
         "doc_to_text: q\ndoc_to_target: a\nmetric: exact_match\n"
     )
     monkeypatch.chdir(tmp_path)
@@ -134,3 +134,57 @@ def test_relative_data_files_follow_the_file_that_names_them(tmp_path, monkeypat
     write_jsonl(tmp_path / "mine.jsonl", [{"q": "in working directory", "a": "y"}])
     own_files = load_task({"include": "base", "name": "own", "dataset_kwargs": {"data_files": "mine.jsonl"}}, [str(tasks_dir)])
     assert own_files.test[0].prompt == "in working directory"
+
+
+SUMS = [{"q": f"{i}+{i}", "a": str(2 * i)} for i in range(10)]
+
+
+def one_file_task(tmp_path, **overrides):
+    write_jsonl(tmp_path / "all.jsonl", SUMS)
+    return inline_task(tmp_path, dataset_kwargs={"data_files": str(tmp_path / "all.jsonl")}, **overrides)
+
+
+def test_one_file_for_both_splits_is_refused_without_a_split_rule(tmp_path):
+    with pytest.raises(UserError, match="one data file serves both the train and test splits, so the test set would equal the training set; set test_size"):
+        load_task(one_file_task(tmp_path))
+    same = str(tmp_path / "all.jsonl")  # the same file named twice is the same case
+    with pytest.raises(UserError, match="one data file serves both"):
+        load_task(inline_task(tmp_path, dataset_kwargs={"data_files": {"train": same, "test": same}}))
+
+
+@pytest.mark.parametrize("test_size,held_out", [(0.3, 3), (4, 4)])
+def test_test_size_holds_out_seeded_records(tmp_path, test_size, held_out):
+    task = load_task(one_file_task(tmp_path, test_size=test_size, split_seed=7))
+    train, test = [e.prompt for e in task.train], [e.prompt for e in task.test]
+    assert len(test) == held_out and len(train) == 10 - held_out
+    assert set(train).isdisjoint(test) and set(train) | set(test) == {f"What is {r['q']}?" for r in SUMS}
+    assert train == sorted(train, key=lambda p: int(p.split()[2].split("+")[0]))  # file order kept
+    again = load_task(one_file_task(tmp_path, test_size=test_size, split_seed=7))
+    assert [e.prompt for e in again.test] == test  # the seed fixes the split
+    other = load_task(one_file_task(tmp_path, test_size=test_size, split_seed=8))
+    assert [e.prompt for e in other.test] != test
+
+
+def test_test_equals_train_is_an_explicit_opt_in(tmp_path):
+    task = load_task(one_file_task(tmp_path, test_equals_train=True))
+    assert task.test == task.train and len(task.train) == 10
+
+
+@pytest.mark.parametrize("test_size,pattern", [(1.5, "must be a fraction in \\(0, 1\\) or a positive count"), (0, "must be a fraction"), (10, "leaves no records"), (0.01, "leaves no records")])
+def test_bad_test_size(tmp_path, test_size, pattern):
+    with pytest.raises(UserError, match=pattern):
+        load_task(one_file_task(tmp_path, test_size=test_size))
+
+
+def test_test_size_with_separate_files_is_refused(tmp_path):
+    with pytest.raises(UserError, match="test_size splits a single data file"):
+        load_task(inline_task(tmp_path, test_size=0.2))
+
+
+def test_fingerprint_follows_the_examples(tmp_path):
+    spec = inline_task(tmp_path)
+    first = load_task(spec).fingerprint()
+    assert first == load_task(spec).fingerprint()
+    write_jsonl(tmp_path / "test.jsonl", [{"q": "1+1", "a": "3"}])
+    edited = load_task(spec).fingerprint()
+    assert edited["train"] == first["train"] and edited["test"] != first["test"]

@@ -26,6 +26,7 @@ def adapter_file(task_index: int) -> str:
 
 class PerTaskLoRA(ContinualMethod):
     def __init__(self, lora: dict):
+        lora_config(lora)  # a bad setting fails now, before the model is loaded
         self.lora = lora
         self.current = 0
 

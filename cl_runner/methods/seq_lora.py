@@ -14,6 +14,7 @@ ADAPTER_FILE = "adapter.safetensors"
 
 class SeqLoRA(ContinualMethod):
     def __init__(self, lora: dict):
+        lora_config(lora)  # a bad setting fails now, before the model is loaded
         self.lora = lora
 
     def setup(self, model):

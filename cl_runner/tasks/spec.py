@@ -10,6 +10,9 @@ raises :class:`UserError` naming the task, the file and the line.
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
+import random
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,11 @@ class Task:
     eval_size: int | None = None  # first N test records (None: all)
     generation_kwargs: dict[str, Any] = field(default_factory=lambda: {"max_new_tokens": 16})
     description: str = ""
+    # One data file for both splits: hold out test_size records (a fraction in (0, 1) or a
+    # count) drawn with split_seed, or say test_equals_train: true to score on the training data.
+    test_size: float | int | None = None
+    split_seed: int = 0
+    test_equals_train: bool = False
     train: list[Example] = field(default_factory=list, repr=False)
     test: list[Example] = field(default_factory=list, repr=False)
 
@@ -56,6 +64,14 @@ class Task:
     def answer_reserve(self) -> int:
         """Tokens a prompt leaves free for a generated answer (0 when choices are scored instead)."""
         return 0 if self.metric in ("acc", "acc_norm") else int(self.generation_kwargs.get("max_new_tokens", 16))
+
+    def fingerprint(self) -> dict[str, str]:
+        """A hash of each split's examples as the model sees them: a rerun on other data is caught by comparing these."""
+        def digest(examples: list[Example]) -> str:
+            text = json.dumps([[e.prompt, e.target, e.choices] for e in examples], ensure_ascii=False)
+            return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+        return {"train": digest(self.train), "test": digest(self.test)}
 
 
 _TASK_KEYS = {f.name for f in fields(Task)} - {"train", "test"}
@@ -196,6 +212,13 @@ def load_task(spec: str | dict, task_dirs: list[str] | None = None, size_overrid
         raise UserError(f"task '{task.name}': unknown metric '{task.metric}'{_did_you_mean(task.metric, set(METRICS))}; use one of {list(METRICS)}")
     if task.metric in ("acc", "acc_norm") and task.doc_to_choice is None:
         raise UserError(f"task '{task.name}': metric '{task.metric}' ranks choices, so the task needs doc_to_choice")
+    if _one_file_for_both_splits(task) and not task.test_equals_train:
+        train_records, test_records = _split_one_file(task)
+        task.train = _render_split(task, task.training_split, train_records[: task.train_size])
+        task.test = _render_split(task, task.test_split, test_records[: task.eval_size])
+        return task
+    if task.test_size is not None:
+        raise UserError(f"task '{task.name}': test_size splits a single data file, but this task reads its splits from separate sources; remove test_size")
     splits = {"test": (task.test_split, task.eval_size)}
     if task.training_split:
         splits["train"] = (task.training_split, task.train_size)
@@ -203,6 +226,42 @@ def load_task(spec: str | dict, task_dirs: list[str] | None = None, size_overrid
         records = load_split(task, split, limit)
         setattr(task, attr, _render_split(task, split, records))
     return task
+
+
+def _one_file_for_both_splits(task: Task) -> bool:
+    """True when training and test records would come from the same local file."""
+    if not task.training_split or not isinstance(task.dataset_kwargs, dict):
+        return False
+    files = task.dataset_kwargs.get("data_files")
+    if isinstance(files, str):
+        return True
+    if isinstance(files, dict) and task.training_split in files and task.test_split in files:
+        train, test = files[task.training_split], files[task.test_split]
+        return isinstance(train, str) and isinstance(test, str) and Path(train).resolve() == Path(test).resolve()
+    return False
+
+
+def _split_one_file(task: Task) -> tuple[list, list]:
+    """Hold out ``test_size`` records of the task's one data file, drawn with ``split_seed``; both parts keep file order."""
+    if task.test_size is None:
+        raise UserError(
+            f"task '{task.name}': one data file serves both the train and test splits, so the test set would equal "
+            "the training set; set test_size (a fraction like 0.2, or a count) and split_seed to hold records out, "
+            "or test_equals_train: true if that is what you want"
+        )
+    records = load_split(task, task.training_split, None)
+    size = task.test_size
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0 or (isinstance(size, float) and size >= 1):
+        raise UserError(f"task '{task.name}': test_size must be a fraction in (0, 1) or a positive count, got {size!r}")
+    n_test = size if isinstance(size, int) else round(len(records) * size)
+    if not 1 <= n_test < len(records):
+        raise UserError(f"task '{task.name}': test_size {size!r} leaves no records for one split ({len(records)} records in all)")
+    order = list(range(len(records)))
+    random.Random(task.split_seed).shuffle(order)
+    held_out = set(order[:n_test])
+    train = [r for i, r in enumerate(records) if i not in held_out]
+    test = [r for i, r in enumerate(records) if i in held_out]
+    return train, test
 
 
 def load_task_sequence(cfg: dict) -> tuple[list[Task], Task | None]:
