@@ -138,5 +138,9 @@ class WandbLogger:
         self._guard("log results", _log)
 
     def finish(self) -> None:
+        run = self.run
         self._guard("finish", lambda: self.run.finish())
         self.run = None
+        if run is not None and self.mode == "offline":
+            # Plain `wandb sync` of several folders with one id may keep only one of them.
+            log.info("W&B offline run %s; upload all of its invocations as one run with: wandb sync --id %s %s/offline-run-*", run.id, run.id, Path(run.dir).parent.parent)

@@ -21,7 +21,8 @@ def offline_runs(run_dir):
     return sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
-def test_offline_logger_writes_one_run_with_every_record(tmp_path):
+def test_offline_logger_writes_one_run_with_every_record(tmp_path, caplog):
+    caplog.set_level("INFO", logger="cl_runner.loggers")
     run(compose_config(TWO_TASKS), tmp_path)
     [only] = offline_runs(tmp_path)
     steps, ids = history_and_ids(only)
@@ -30,6 +31,8 @@ def test_offline_logger_writes_one_run_with_every_record(tmp_path):
     logged = [i for i, line in enumerate(events) if json.loads(line)["event"] in ("train_step", "eval")]
     # Each record is logged at its line number in train_log.jsonl; the results come last.
     assert steps == [*logged, len(events)]
+    run_id = json.loads((tmp_path / "wandb_run.json").read_text())["id"]
+    assert f"wandb sync --id {run_id} {tmp_path / 'wandb'}/offline-run-*" in caplog.text
 
 
 def test_resumed_run_is_one_wandb_run_with_monotone_steps(tmp_path, monkeypatch):
