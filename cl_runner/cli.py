@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -20,7 +22,8 @@ from omegaconf import DictConfig
 
 from cl_runner import sweep
 from cl_runner.config import CONFIG_DIR  # also registers the or_default resolver
-from cl_runner.errors import find_user_error
+from cl_runner.error_file import debug_enabled
+from cl_runner.errors import find_user_error, one_line
 
 USER_ERROR_STATUS = 2
 FAILED_JOBS_STATUS = 1
@@ -35,16 +38,32 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _run_single(cfg: DictConfig, run_dir: Path) -> None:
-    from cl_runner.runner import run
+def _write_hydra_snapshot(cfg: DictConfig, run_dir: Path) -> None:
+    """Hydra's ``.hydra/`` record of the run (config, Hydra's own config, the overrides), written atomically."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
 
+    from cl_runner.atomic_io import write_file_atomic
+
+    hydra_cfg = HydraConfig.get()
+    files = {
+        "config.yaml": OmegaConf.to_yaml(cfg),
+        "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})),
+        "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task),
+    }
+    for name, text in files.items():
+        write_file_atomic(run_dir / ".hydra" / name, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
+
+
+def _run_single(run: Callable[[], object]) -> None:
     try:
-        run(cfg, run_dir)
+        run()
     except Exception as exc:
-        user_error = find_user_error(exc)
-        if user_error is None or sweep.debug_enabled():
-            raise  # a bug: Hydra prints the traceback
-        print(f"cl-runner: error: {user_error}", file=sys.stderr)
+        if find_user_error(exc) is None:
+            raise  # a bug, or the machine failing: Hydra prints the traceback
+        if debug_enabled():
+            traceback.print_exception(exc, file=sys.stderr)
+        print(f"cl-runner: error: {one_line(exc)}", file=sys.stderr)
         sys.exit(USER_ERROR_STATUS)
 
 
@@ -58,13 +77,20 @@ def _hydra_main(cfg: DictConfig) -> None:
     _quiet_libraries()
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+
+    def run_this() -> None:
+        run(cfg, run_dir, snapshot=lambda directory: _write_hydra_snapshot(cfg, directory))
+
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        sweep.run_job(lambda: run(cfg, run_dir), run_dir)
+        sweep.run_job(run_this, run_dir)
     else:
-        _run_single(cfg, run_dir)
+        _run_single(run_this)
 
 
 def main() -> None:
+    # A W&B service inherited from a parent process (a notebook, a launcher, a test runner)
+    # outlives our run: after a kill it still holds the run id, and the resumed run is refused.
+    os.environ.pop("WANDB_SERVICE", None)
     _hydra_main()
     summary = sweep.failure_summary()
     if summary:

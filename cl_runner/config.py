@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -38,19 +40,36 @@ def is_resume_safe(key: str) -> bool:
 def build(node: DictConfig, group: str):
     """Instantiate a config group's ``_target_`` (its ``name`` key labels runs and is not an argument).
 
-    Hydra wraps whatever the target raises in an InstantiationException; a UserError comes
-    back out as itself, and any other failure to construct (an unknown or mistyped setting)
-    becomes a UserError naming the group, so the CLI prints one line for it.
+    Settings the target's constructor does not take are a UserError naming the group, found
+    before anything is built. Hydra wraps whatever the constructor raises in an
+    InstantiationException: a UserError comes back out as itself (the CLI prints one line for
+    it), anything else as the original exception, so a bug keeps its traceback.
     """
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
+    arguments = {k: v for k, v in node.items() if k != "name"}
+    target = arguments.pop("_target_", None)
+    constructor = _locate(str(target), group)
     try:
-        return instantiate({k: v for k, v in node.items() if k != "name"})
+        inspect.signature(constructor).bind(**arguments)
+    except TypeError as exc:
+        raise UserError(f"{group}: bad settings for {target} ({exc})") from exc
+    except ValueError:  # no signature to check (a builtin): let the call decide
+        pass
+    try:
+        return instantiate({"_target_": target, **arguments})
     except InstantiationException as exc:
         user = find_user_error(exc)
         if user is not None:
             raise user from exc
-        cause = exc.__cause__ or exc
-        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise UserError(f"{group}: bad settings for {node.get('_target_')} ({reason})") from exc
+        raise (exc.__cause__ or exc) from None
+
+
+def _locate(path: str, group: str):
+    """The class or function a ``_target_`` names (``package.module.Name``)."""
+    module_name, _, attribute = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise UserError(f"{group}._target_ '{path}' cannot be imported ({exc})") from exc

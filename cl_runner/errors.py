@@ -12,13 +12,17 @@ class RunDirectoryBusy(UserError):
 
 
 def find_user_error(exc: BaseException) -> UserError | None:
-    """The UserError behind ``exc``, however deeply wrapped (Hydra wraps errors raised in instantiated targets)."""
+    """The UserError behind ``exc``, however deeply wrapped (Hydra wraps errors raised in instantiated targets).
+
+    Only explicit causes (``raise ... from``) are followed: an error raised while a UserError
+    was being handled (a failing cleanup) is a failure of its own, not the user's.
+    """
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, UserError):
             return exc
         seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__
     return None
 
 
@@ -26,6 +30,6 @@ def one_line(exc: BaseException) -> str:
     """The reason for a failure in one line: a UserError's message, else the exception type and its first line."""
     user = find_user_error(exc)
     if user is not None:
-        return str(user)
+        return " ".join(str(user).split())  # a message quoting a multi-line library error stays one line
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

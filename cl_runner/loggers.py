@@ -39,7 +39,7 @@ class NullLogger:
     def log_results(self, results: dict, heatmap: Path | None, step: int) -> None:
         pass
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
         pass
 
 
@@ -137,9 +137,9 @@ class WandbLogger:
 
         self._guard("log results", _log)
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
         run = self.run
-        self._guard("finish", lambda: self.run.finish())
+        self._guard("finish", lambda: self.run.finish(exit_code=exit_code))
         self.run = None
         if run is not None and self.mode == "offline":
             # Plain `wandb sync` of several folders with one id may keep only one of them.

@@ -21,7 +21,11 @@ class NoReplay:
 
     ratio = 0.0  # share of each optimizer step's loss weight carried by replayed examples
 
-    def setup(self, encode: Callable[[Task], list[TokenizedExample]], task_dirs: list[str]) -> None:
+    def data_tasks(self, task_dirs: list[str]) -> list[Task]:
+        """Tasks outside the sequence whose training data this replay mixes in (fingerprinted with the run)."""
+        return []
+
+    def setup(self, encode: Callable[[Task], list[TokenizedExample]], data_tasks: list[Task]) -> None:
         pass
 
     def add_task(self, task_index: int, examples: Sequence[TokenizedExample]) -> None:
@@ -45,9 +49,12 @@ class InstructionReplay:
         self.seed = seed
         self.pool: list[TokenizedExample] = []
 
-    def setup(self, encode: Callable[[Task], list[TokenizedExample]], task_dirs: list[str]) -> None:
-        if self.general_task:
-            self.pool.extend(encode(load_task(self.general_task, task_dirs)))
+    def data_tasks(self, task_dirs: list[str]) -> list[Task]:
+        return [load_task(self.general_task, task_dirs)] if self.general_task else []
+
+    def setup(self, encode: Callable[[Task], list[TokenizedExample]], data_tasks: list[Task]) -> None:
+        for task in data_tasks:
+            self.pool.extend(encode(task))
 
     def add_task(self, task_index: int, examples: Sequence[TokenizedExample]) -> None:
         rng = random.Random(f"{self.seed}-replay-{task_index}")

@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
 from cl_runner.config import build
+from cl_runner.error_file import clear_error_file, write_error_file
 from cl_runner.errors import UserError
 from cl_runner.evaluation import evaluate_task, evaluate_tasks
 from cl_runner.formatting import PromptFormatter
@@ -32,7 +34,6 @@ from cl_runner.provenance import invocation_record
 from cl_runner.results import build_results
 from cl_runner.run_lock import RunLock
 from cl_runner.run_state import RunState, result_settings
-from cl_runner.sweep import clear_error_file
 from cl_runner.tasks import Task, load_task_sequence
 from cl_runner.training import TrainingLoop, check_trainer_config, require_setting
 
@@ -119,7 +120,9 @@ class Experiment:
         self.method = build(cfg.method, "method")
         self.replay = build(cfg.replay, "replay")
         self.logger = build(cfg.logger, "logger")
+        self.replay_tasks = self.replay.data_tasks(list(cfg.task_sequence.task_dirs))
         fingerprints = {t.name: t.fingerprint() for t in [*self.tasks, *([self.probe] if self.probe else [])]}
+        fingerprints.update({f"replay/{t.name}": t.fingerprint() for t in self.replay_tasks})
         self.state = RunState.open(run_dir, result_settings(self.config), self.task_names, fingerprints)
         self.timing: dict = {}
         self._encoded: dict[str, list] = {}
@@ -140,7 +143,7 @@ class Experiment:
         # not consume random numbers (a first run builds the cached model, later runs do not).
         seed_everything(self.cfg.seed)
         self.model = self.method.setup(model).to(self.device)
-        self.replay.setup(self._encode, list(self.cfg.task_sequence.task_dirs))
+        self.replay.setup(self._encode, self.replay_tasks)
         self.events = EventLog(self.run_dir / "train_log.jsonl", self.logger)
         self.loop = TrainingLoop(self.cfg.trainer, self.device, tokenizer.pad_token_id)
         if self.state.tasks_completed:
@@ -217,9 +220,12 @@ class Experiment:
                     t + 1, len(self.tasks), self.task_names[t], stats["steps"], stats["seconds"], stats["tokens_per_s"],
                     stats["final_loss"] or float("nan"), t + 1, _format_row(scores), _format_score(general),
                 )
-            return self._finish(time.perf_counter() - total_started)
-        finally:
-            self.logger.finish()
+            results = self._finish(time.perf_counter() - total_started)
+        except BaseException:
+            self.logger.finish(exit_code=1)  # the W&B run is marked failed, and resumed by the next invocation
+            raise
+        self.logger.finish()
+        return results
 
     def _finish(self, seconds: float) -> dict:
         self.timing.update(self.state.timing)
@@ -239,12 +245,27 @@ class Experiment:
         return results
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Run (or resume) the experiment described by ``cfg`` in ``run_dir``; return results.json's content."""
+def run(cfg: DictConfig, run_dir: str | Path, snapshot: Callable[[Path], None] | None = None) -> dict:
+    """Run (or resume) the experiment described by ``cfg`` in ``run_dir``; return results.json's content.
+
+    ``snapshot(run_dir)`` (the CLI's Hydra config snapshot) is called once the settings are
+    accepted, so a refused invocation leaves the directory as it found it. A failure is
+    written to ``error.txt`` while the lock is still held.
+    """
     run_dir = Path(run_dir)
     with RunLock(run_dir):  # a second process on the same directory is refused here
         clear_error_file(run_dir)
-        if cfg.trainer.num_threads:
-            torch.set_num_threads(cfg.trainer.num_threads)
-        return Experiment(cfg, run_dir).run()
+        threads = torch.get_num_threads()  # restored: the next job of a sweep starts from the default
+        try:
+            if cfg.trainer.num_threads:
+                torch.set_num_threads(cfg.trainer.num_threads)
+            experiment = Experiment(cfg, run_dir)
+            if snapshot is not None:
+                snapshot(run_dir)
+            return experiment.run()
+        except Exception as exc:
+            write_error_file(run_dir, exc)
+            raise
+        finally:
+            torch.set_num_threads(threads)
 

@@ -171,7 +171,7 @@ def test_sweep_runs_its_good_jobs_and_reports_the_bad_one(tmp_path):
     errors = [l for l in result.stderr.splitlines() if l.startswith("cl-runner: ")]
     assert errors == [
         f"cl-runner: error: job {bad}: trainer.lr must be a positive number, got -1",
-        f"cl-runner: 1 of 3 jobs failed (reasons in their error.txt): {bad}",
+        f"cl-runner: 1 of 3 jobs failed: {bad}",
     ]
     assert "Traceback" not in result.stderr
 

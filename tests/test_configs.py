@@ -108,3 +108,7 @@ def test_run_directory_name_ignores_exactly_the_resume_safe_keys():
     excluded = set(hydra_cfg["job"]["config"]["override_dirname"]["exclude_keys"]) - {"hydra.run.dir", "hydra.sweep.dir"}
     assert set(RESUME_SAFE_KEYS) <= excluded
     assert all(is_resume_safe(key) for key in excluded)
+    # Every logger setting is resume-safe, so each must leave the run directory's name alone too.
+    for path in (CONF / "logger").glob("*.yaml"):
+        keys = {f"logger.{k}" for k in yaml.safe_load(path.read_text()) if not k.startswith("_")}
+        assert keys <= excluded, f"{path.name}: {sorted(keys - excluded)} missing from hydra.job.config.override_dirname.exclude_keys"

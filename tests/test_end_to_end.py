@@ -179,4 +179,4 @@ def test_the_runner_learns_a_task_a_tiny_model_can_learn(tmp_path):
     cfg = compose_config(overrides)
     cfg.task_sequence.tasks = [task]
     R = run(cfg, tmp_path / "run")["acc_matrix"]
-    assert R[0][0] == 0.5 and R[1][0] == 1.0, R  # the untrained model always picks one colour; the trained one never errs
+    assert R[1][0] >= 0.9 and R[1][0] >= R[0][0] + 0.25, R  # untrained: about chance (0.5)

@@ -22,13 +22,14 @@ def start_paused(run_dir, cwd):
     """A real cl-runner on ``run_dir``, stopped inside the first task's second step; returns (process, release file)."""
     marker, release = cwd / "paused.marker", cwd / "release"
     env = {**os.environ, "CL_RUNNER_TEST_AT": "second_word:2", "CL_RUNNER_TEST_DO": f"pause:{marker}:{release}", "PYTHONWARNINGS": "ignore"}
+    output = open(cwd / "first.log", "w")  # a file, not a pipe: nobody reads while it is paused
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "tests" / "hooked_cli.py"), *ONE_TASK, f"hydra.run.dir={run_dir}"],
-        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT, text=True,
     )
     deadline = time.time() + 240
     while not marker.exists():
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert proc.poll() is None, (cwd / "first.log").read_text()[-3000:]
         assert time.time() < deadline, "the first process never reached its second step"
         time.sleep(0.05)
     return proc, release
@@ -37,18 +38,22 @@ def start_paused(run_dir, cwd):
 def test_second_process_on_a_running_directory_is_refused(tmp_path):
     run_dir = tmp_path / "run"
     first, release = start_paused(run_dir, tmp_path)
+    snapshot = {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in (run_dir / ".hydra").iterdir()}
     try:
-        second = run_cli([*ONE_TASK, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+        # Another command on the same directory: refused by the lock, before its settings are even compared.
+        second = run_cli([*ONE_TASK, "trainer.num_threads=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
         lines = [l for l in second.stderr.splitlines() if l.strip()]
         assert second.returncode == 2, second.stderr[-3000:]
         assert len(lines) == 1 and lines[0].startswith("cl-runner: error: "), second.stderr
         assert f"is in use by another cl-runner (pid {first.pid} on {socket.gethostname()}" in lines[0]
         owner = json.loads((run_dir / LOCK_FILE).read_text())
         assert owner["pid"] == first.pid and owner["host"] == socket.gethostname()
+        assert {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in (run_dir / ".hydra").iterdir()} == snapshot
+        assert not (run_dir / "error.txt").exists()
     finally:
         release.touch()
-    out, err = first.communicate(timeout=240)
-    assert first.returncode == 0, err[-3000:]
+    first.wait(timeout=240)
+    assert first.returncode == 0, (tmp_path / "first.log").read_text()[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert len(results["acc_matrix"]) == 3
     steps = [json.loads(l) for l in (run_dir / "train_log.jsonl").read_text().splitlines()]

@@ -1,9 +1,11 @@
-"""Sweep jobs record their failures instead of raising them (the CLI sweep itself: test_cli_errors.py)."""
+"""Failures recorded instead of raised: sweep jobs, and error.txt (the CLI sweep itself: test_cli_errors.py)."""
 
 import pytest
 
 from cl_runner import sweep
 from cl_runner.errors import RunDirectoryBusy, UserError
+from cl_runner.runner import run
+from conftest import SMOKE, compose_config
 
 
 @pytest.fixture(autouse=True)
@@ -19,26 +21,20 @@ def fail(exc):
     return job
 
 
-def test_a_crash_is_recorded_with_its_type_and_the_sweep_goes_on(tmp_path, capsys):
+def test_a_crash_is_reported_with_its_type_and_the_sweep_goes_on(tmp_path, capsys):
     sweep.run_job(fail(RuntimeError("CUDA out of memory\nmore detail")), tmp_path / "a")
     sweep.run_job(lambda: None, tmp_path / "b")
-    assert (tmp_path / "a" / "error.txt").read_text() == "RuntimeError: CUDA out of memory\n"
-    assert capsys.readouterr().err == f"cl-runner: error: job {tmp_path / 'a'}: RuntimeError: CUDA out of memory\n"
-    assert sweep.failure_summary() == f"cl-runner: 1 of 2 jobs failed (reasons in their error.txt): {tmp_path / 'a'}"
+    sweep.run_job(fail(RunDirectoryBusy("run directory c is in use")), tmp_path / "c")
+    assert capsys.readouterr().err == (
+        f"cl-runner: error: job {tmp_path / 'a'}: RuntimeError: CUDA out of memory\n"
+        f"cl-runner: error: job {tmp_path / 'c'}: run directory c is in use\n"
+    )
+    assert sweep.failure_summary() == f"cl-runner: 2 of 3 jobs failed: {tmp_path / 'a'}, {tmp_path / 'c'}"
 
 
-def test_debug_puts_the_traceback_in_error_txt(tmp_path, monkeypatch):
-    monkeypatch.setenv("CL_RUNNER_DEBUG", "1")
-    sweep.run_job(fail(UserError("replay.ratio must be in (0, 1)")), tmp_path)
-    text = (tmp_path / "error.txt").read_text()
-    assert text.startswith("replay.ratio must be in (0, 1)\n") and "Traceback (most recent call last)" in text
-
-
-def test_a_busy_directory_is_not_marked_failed(tmp_path):
-    """The directory belongs to the live process that holds it: no error.txt is written there."""
-    sweep.run_job(fail(RunDirectoryBusy("in use")), tmp_path)
-    assert not (tmp_path / "error.txt").exists()
-    assert sweep.failure_summary().startswith("cl-runner: 1 of 1 jobs failed")
+def test_a_multi_line_user_error_is_still_one_line(tmp_path, capsys):
+    sweep.run_job(fail(UserError("task 'x': the template fails\n  at line 2")), tmp_path)
+    assert capsys.readouterr().err == f"cl-runner: error: job {tmp_path}: task 'x': the template fails at line 2\n"
 
 
 def test_ctrl_c_ends_the_sweep(tmp_path):
@@ -49,3 +45,16 @@ def test_ctrl_c_ends_the_sweep(tmp_path):
 def test_all_good_means_no_summary(tmp_path):
     sweep.run_job(lambda: None, tmp_path)
     assert sweep.failure_summary() is None
+
+
+def test_a_failed_run_leaves_error_txt_and_the_next_attempt_removes_it(tmp_path, monkeypatch):
+    with pytest.raises(UserError):
+        run(compose_config([*SMOKE, "trainer.lr=-1", "task_sequence.tasks=[second_word]"]), tmp_path)
+    assert (tmp_path / "error.txt").read_text() == "trainer.lr must be a positive number, got -1\n"
+    monkeypatch.setenv("CL_RUNNER_DEBUG", "1")  # the traceback follows the reason
+    with pytest.raises(UserError):
+        run(compose_config([*SMOKE, "trainer.lr=-2", "task_sequence.tasks=[second_word]"]), tmp_path)
+    text = (tmp_path / "error.txt").read_text()
+    assert text.startswith("trainer.lr must be a positive number, got -2\n") and "Traceback (most recent call last)" in text
+    run(compose_config([*SMOKE, "task_sequence.tasks=[second_word]"]), tmp_path)
+    assert not (tmp_path / "error.txt").exists() and (tmp_path / "results.json").exists()

@@ -63,7 +63,7 @@ def test_instruction_replay_mixes_the_configured_share():
 def test_instruction_replay_loads_general_data(tiny_model_and_tokenizer):
     formatter = PromptFormatter(tiny_model_and_tokenizer[1])
     replay = InstructionReplay(ratio=0.3, per_task=5, general_task="general_instructions")
-    replay.setup(lambda task: [formatter.encode_example(e) for e in task.train], ["builtin"])
+    replay.setup(lambda task: [formatter.encode_example(e) for e in task.train], replay.data_tasks(["builtin"]))
     assert len(replay.pool) == len(load_task("general_instructions").train) > 0
 
 

@@ -25,6 +25,8 @@ def raw_records(path: Path):
         if kind == 0 and length == 0:  # zero padding up to the end of the block
             pos += left
             continue
+        if pos + 7 + length > len(data):  # cut off by a killed writer
+            return
         chunk = data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind == FULL:
@@ -45,7 +47,10 @@ def history_and_ids(path: Path) -> tuple[list[int], set[str]]:
     steps, ids = [], set()
     for raw in raw_records(path):
         record = wandb_internal_pb2.Record()
-        record.ParseFromString(raw)
+        try:
+            record.ParseFromString(raw)
+        except Exception:  # noqa: BLE001 - the last record of a killed writer may be incomplete
+            break
         kind = record.WhichOneof("record_type")
         if kind == "history":
             steps.append(record.history.step.num)
