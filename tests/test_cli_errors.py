@@ -201,3 +201,10 @@ def test_rerun_from_a_directory_where_relative_paths_resolve_elsewhere_is_refuse
     assert first.returncode == 0, first.stderr[-3000:]
     second = run_cli(args, cwd=second_cwd)
     assert_one_clear_line(second, r"task 'my_sentiment': its test data differs")
+
+
+def test_debug_shows_the_traceback_and_keeps_exit_status_2(tmp_path):
+    result = run_cli(["experiment=smoke", "replay=instruction", "replay.ratio=2", *QUIET], cwd=tmp_path, env={"CL_RUNNER_DEBUG": "1"}, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback (most recent call last)" in result.stderr and "cl_runner/replay.py" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "cl-runner: error: replay.ratio must be a number in (0, 1), got 2"
