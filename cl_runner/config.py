@@ -50,7 +50,7 @@ def build(node: DictConfig, group: str):
 
     arguments = {k: v for k, v in node.items() if k != "name"}
     target = arguments.pop("_target_", None)
-    constructor = _locate(str(target), group)
+    constructor = locate(str(target), group)
     try:
         inspect.signature(constructor).bind(**arguments)
     except TypeError as exc:
@@ -58,7 +58,9 @@ def build(node: DictConfig, group: str):
     except ValueError:  # no signature to check (a builtin): let the call decide
         pass
     try:
-        return instantiate({"_target_": target, **arguments})
+        # Not recursive: a nested block with its own _target_ (a method's peft: config) is the
+        # constructor's to build, so that its errors are reported as the method's settings.
+        return instantiate({"_target_": target, **arguments}, _recursive_=False)
     except InstantiationException as exc:
         user = find_user_error(exc)
         if user is not None:
@@ -66,7 +68,7 @@ def build(node: DictConfig, group: str):
         raise (exc.__cause__ or exc) from None
 
 
-def _locate(path: str, group: str):
+def locate(path: str, group: str):
     """The class or function a ``_target_`` names (``package.module.Name``)."""
     module_name, _, attribute = path.rpartition(".")
     try:

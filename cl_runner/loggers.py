@@ -131,7 +131,7 @@ class WandbLogger:
             if heatmap is not None and heatmap.exists():
                 payload["acc_matrix_heatmap"] = wandb.Image(str(heatmap))
             self.run.log(payload, step=step)
-            for key, value in results["metrics"].items():
+            for key, value in {**results["metrics"], **results["resources"]}.items():
                 if value is not None and not isinstance(value, list):
                     self.run.summary[key] = value
 

@@ -1,35 +1,63 @@
-"""Small helpers shared by the LoRA-based methods: build configs, save and load adapters."""
+"""Small helpers shared by the PEFT-based methods: build configs from YAML, save and load adapters."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from peft import PeftConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from cl_runner.errors import UserError
 
 
-def lora_config(settings) -> LoraConfig:
-    """A causal-LM LoraConfig from the method YAML's ``lora:`` block; a bad setting is a one-line UserError."""
-    settings = dict(settings)
-    if not isinstance(settings.get("target_modules"), (str, type(None))):
-        settings["target_modules"] = list(settings["target_modules"])
+def _plain(value):
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def peft_config(block, key: str = "method.peft") -> PeftConfig:
+    """A causal-LM PEFT config from a YAML block whose ``_target_`` names a ``peft`` config class.
+
+    Any config class works (``peft.LoraConfig``, ``peft.PromptTuningConfig``, ``peft.IA3Config``,
+    ``peft.OSFConfig``, ...); its other keys are the class's arguments. A bad block is a
+    one-line UserError naming ``key``.
+    """
+    from cl_runner.config import locate
+
+    settings = dict(_plain(block) or {})
+    target = settings.pop("_target_", None)
+    if not target:
+        raise UserError(f"{key} needs a _target_ naming a peft config class, e.g. _target_: peft.LoraConfig")
+    cls = locate(str(target), key)
+    if not (isinstance(cls, type) and issubclass(cls, PeftConfig)):
+        raise UserError(f"{key}._target_ '{target}' is not a peft config class (a subclass of peft.PeftConfig)")
+    settings.setdefault("task_type", "CAUSAL_LM")
     try:
-        return LoraConfig(task_type="CAUSAL_LM", **settings)
+        return cls(**settings)
     except (TypeError, ValueError) as exc:
-        raise UserError(f"method.lora: {str(exc).strip().splitlines()[0]}") from exc
+        raise UserError(f"{key}: {target}: {str(exc).strip().splitlines()[0]}") from exc
 
 
 def save_adapter(model, path: Path, adapter_name: str = "default") -> None:
-    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    if model.peft_config[adapter_name].is_prompt_learning:
+        # PEFT's own state dict holds the encoder's output (for inference): P-tuning's MLP would
+        # be lost, so the encoder's parameters are saved as they are, and resume continues them.
+        state = model.prompt_encoder[adapter_name].state_dict()
+    else:
+        state = get_peft_model_state_dict(model, adapter_name=adapter_name)
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
 
 
 def load_adapter(model, path: Path, adapter_name: str = "default") -> None:
     device = next(model.parameters()).device
     state = load_file(str(path), device=str(device))
+    if model.peft_config[adapter_name].is_prompt_learning:
+        try:
+            model.prompt_encoder[adapter_name].load_state_dict(state)
+        except RuntimeError as exc:
+            raise UserError(f"adapter file {path} does not match the model ({str(exc).splitlines()[0]}); delete the run directory to start over") from exc
+        return
     result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:

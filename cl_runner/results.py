@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from cl_runner.metrics import all_metrics
 from cl_runner.provenance import git_state, package_versions
+from cl_runner.resources import resource_summary
 
 
 def build_results(task_names, acc_matrix, general, timing, train_stats, config, task_scores=None, invocations=None) -> dict:
@@ -21,6 +22,7 @@ def build_results(task_names, acc_matrix, general, timing, train_stats, config, 
         "general": general,
         "timing": timing,
         "train": train_stats,
+        "resources": resource_summary(train_stats),
         "versions": package_versions(),
         "git": git_state(),
         "invocations": list(invocations or []),

@@ -16,6 +16,7 @@ from pathlib import Path
 from cl_runner.config import is_resume_safe
 from cl_runner.errors import UserError
 from cl_runner.atomic_io import write_dir_atomic, write_json_atomic
+from cl_runner.resources import directory_bytes
 
 STATE_FILE = "state.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -122,7 +123,7 @@ class RunState:
         # replace=True: a folder already there was left by a run killed after the rename but
         # before state.json was updated, so nothing trusts it.
         write_dir_atomic(final, write_checkpoint, replace=True)
-        self.train_stats.append(stats)
+        self.train_stats.append({**stats, "checkpoint_bytes": directory_bytes(final)})
         self.timing["train_s"].append(stats["seconds"])
         self.record_row(scores, task_scores, general, eval_seconds)
         self.save()

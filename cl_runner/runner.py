@@ -31,6 +31,7 @@ from cl_runner.models import load_model, resolve_device
 from cl_runner.atomic_io import write_json_atomic
 from cl_runner.plots import plot_heatmap
 from cl_runner.provenance import invocation_record
+from cl_runner.resources import PeakMemory, parameter_count
 from cl_runner.results import build_results
 from cl_runner.run_lock import RunLock
 from cl_runner.run_state import RunState, result_settings
@@ -179,13 +180,18 @@ class Experiment:
         self.method.before_task(self.model, t, task)
         examples = self._encode(task)
 
+        trained: dict = {}
+
         def train() -> dict:
             self.loop.on_step = lambda record: self.events.step(task.name, record)
-            params = self.method.trainable_parameters(self.model)
+            params = list(self.method.trainable_parameters(self.model))
+            trained["trainable_parameters"] = parameter_count(params)
             return self.loop.train(self.model, params, examples, self.method, self.replay, seed=self.task_seed(t), task_name=task.name)
 
-        stats = self.method.learn(self.model, t, task, train)
-        self.method.after_task(self.model, t, task)
+        with PeakMemory(self.device) as peak:
+            stats = self.method.learn(self.model, t, task, train)
+            self.method.after_task(self.model, t, task)
+        stats = {**stats, **trained, "peak_memory_bytes": peak.bytes, "peak_memory_kind": peak.kind}
         self.replay.add_task(t, examples)
         return stats
 

@@ -71,9 +71,9 @@ def reference(cfg, base_model, tokenizer, examples, group_by_length):
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from cl_runner.peft_utils import lora_config
+    from cl_runner.peft_utils import peft_config
 
-    model = get_peft_model(copy.deepcopy(base_model), lora_config(cfg.method.lora))
+    model = get_peft_model(copy.deepcopy(base_model), peft_config(cfg.method.peft))
     data = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)} for e in examples])
     args = TrainingArguments(
         output_dir="/tmp/cl_runner_bench_hf", per_device_train_batch_size=cfg.trainer.batch_size, num_train_epochs=1,

@@ -142,7 +142,7 @@ INSTANTIATED = {
     "model directory missing": (["model=hf", "model.name_or_path=/nonexistent/model"], {}, r"model directory '/nonexistent/model' not found"),
     "hub id unreachable": (["model=hf", "model.name_or_path=some-org/some-model"], {"HF_HUB_OFFLINE": "1"}, r"could not load model 'some-org/some-model': .*local copy"),
     "replay setting": (["experiment=smoke", "replay=instruction", "replay.ratio=2"], {}, r"replay.ratio must be a number in \(0, 1\), got 2"),
-    "method setting": (["experiment=smoke", "+method.lora.rank=8"], {}, r"method.lora: .*unexpected keyword argument 'rank'"),
+    "method setting": (["experiment=smoke", "+method.peft.rank=8"], {}, r"method.peft: peft.LoraConfig: .*unexpected keyword argument 'rank'"),
     "logger setting": (["experiment=smoke", "logger=wandb", "logger.mode=sometimes"], {}, r"logger.mode 'sometimes' is not one of"),
     "unknown target argument": (["experiment=smoke", "logger=wandb", "+logger.colour=red"], {}, r"logger: bad settings for cl_runner.loggers.WandbLogger \(.*'colour'"),
 }

@@ -77,3 +77,25 @@ def test_generation_stops_at_until_strings_and_drops_them(model_and_formatter):
 def test_cut_at_the_earliest_stop_string():
     assert cut_at_stop_strings("a. b\nc", ["\n", "."]) == "a"
     assert cut_at_stop_strings("abc", []) == "abc"
+
+
+def test_prefix_tuning_generates_with_its_prefix(tiny_model_and_tokenizer):
+    """transformers' generate() drops a PEFT prefix (it passes its own cache too): the answer must still follow the prefix."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    model, tokenizer = tiny_model_and_tokenizer
+    tuned = get_peft_model(copy.deepcopy(model), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5)).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in tuned.prompt_encoder.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 3)
+    formatter = PromptFormatter(tokenizer, True, None, 128)
+    example = Example("Name a colour.", "red")
+    prompt = torch.tensor([formatter.encode_prompt(example, reserve=4)])
+    with torch.no_grad():
+        first_with_prefix = int(tuned(input_ids=prompt).logits[0, -1].argmax())
+        with tuned.disable_adapter():
+            first_without = int(tuned(input_ids=prompt).logits[0, -1].argmax())
+    assert first_with_prefix != first_without  # the prefix matters for this prompt
+    [answer] = generate(tuned, formatter, [example], max_new_tokens=4, batch_size=1, device="cpu")
+    assert tokenizer.encode(answer)[0] == first_with_prefix or answer.startswith(tokenizer.decode([first_with_prefix]).strip())

@@ -56,6 +56,11 @@ def generate(model, formatter: PromptFormatter, examples: Sequence[Example], max
     stop_ids = stop_token_ids(model, formatter)
     extra = {"stop_strings": list(until), "tokenizer": tokenizer} if until else {}
     outputs = [""] * len(examples)
+    if uses_prefix_cache(model):
+        for index in order:
+            tokens = _greedy_without_generate(model, encoded[index], max_new_tokens, stop_ids, device)
+            outputs[index] = cut_at_stop_strings(tokenizer.decode(tokens, skip_special_tokens=True), until).strip()
+        return outputs
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         ids, mask = _left_padded([encoded[i] for i in batch], tokenizer.pad_token_id)
@@ -67,3 +72,27 @@ def generate(model, formatter: PromptFormatter, examples: Sequence[Example], max
             text = tokenizer.decode(until_stop_token(generated[row, ids.shape[1] :].tolist(), stop_ids), skip_special_tokens=True)
             outputs[index] = cut_at_stop_strings(text, until).strip()
     return outputs
+
+
+def uses_prefix_cache(model) -> bool:
+    """PEFT prefix tuning hands its prefix to the model as a KV cache; transformers' generate()
+    passes its own cache as well and drops the prefix, so such a model generates as if untuned."""
+    from cl_runner.forward import is_prompt_learning
+
+    if not is_prompt_learning(model) or not getattr(model, "active_peft_config", None):
+        return False
+    return str(getattr(model.active_peft_config, "peft_type", "")).endswith("PREFIX_TUNING")
+
+
+def _greedy_without_generate(model, prompt: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int], device) -> list[int]:
+    """Greedy decoding by full forward passes, one example at a time: slower, but it reads the
+    logits exactly as choice scoring and training do (the model's own forward, no cache)."""
+    ids = torch.tensor([list(prompt)], device=device)
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(model(input_ids=ids).logits[0, -1].argmax())
+        if token in stop_ids:
+            break
+        new.append(token)
+        ids = torch.cat([ids, torch.tensor([[token]], device=device)], dim=1)
+    return new
