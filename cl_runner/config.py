@@ -21,6 +21,8 @@ RESUME_SAFE_KEYS = (
 )
 
 # Run directories are named after the command-line overrides; a plain `cl-runner` gets "default".
+if not OmegaConf.has_resolver("len"):  # e.g. a method's num_tasks: ${len:${task_sequence.tasks}}
+    OmegaConf.register_new_resolver("len", lambda value: len(value))
 if not OmegaConf.has_resolver("or_default"):
     OmegaConf.register_new_resolver("or_default", lambda value, default: value if value else default)
 

@@ -17,6 +17,9 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
+from cl_runner.errors import UserError
 from transformers import DynamicCache
 
 
@@ -98,3 +101,11 @@ def forward_selected(model, input_ids: torch.Tensor, rows: torch.Tensor, cols: t
         return SelectedForward(outputs.logits[0], captured["hidden"], outputs)
     logits = outputs.logits[:, outputs.logits.shape[1] - input_ids.shape[1] :]
     return SelectedForward(logits[rows, cols], None, outputs)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder layers (each with ``self_attn`` and ``mlp``)."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) and all(hasattr(m, "self_attn") and hasattr(m, "mlp") for m in module):
+            return module
+    raise UserError("this method needs decoder layers with self_attn and mlp submodules (LLaMA, Qwen, Mistral, Gemma, ...)")

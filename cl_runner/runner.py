@@ -37,6 +37,7 @@ from cl_runner.run_lock import RunLock
 from cl_runner.run_state import RunState, result_settings
 from cl_runner.tasks import Task, load_task_sequence
 from cl_runner.training import TrainingLoop, check_trainer_config, require_setting
+from cl_runner.training.batching import input_batches
 
 log = logging.getLogger("cl_runner")
 
@@ -158,17 +159,17 @@ class Experiment:
         started = time.perf_counter()
         batch_size = self.cfg.eval.batch_size
 
-        def context(task_index):
-            return self.method.eval_context(self.model, tasks_learnt, task_index)
+        def members_of(task_index):
+            return self.method.eval_members(self.model, tasks_learnt, task_index)
 
         desc = "eval base" if tasks_learnt == 0 else f"eval after {self.task_names[tasks_learnt - 1]}"
-        task_scores = evaluate_tasks(self.model, self.formatter, self.tasks, batch_size, self.device, context, desc, self.cfg.eval.progress_bar)
+        task_scores = evaluate_tasks(self.model, self.formatter, self.tasks, batch_size, self.device, members_of, desc, self.cfg.eval.progress_bar)
         scores = [s[task.metric] for s, task in zip(task_scores, self.tasks)]
         general = None
         if self.probe is not None:
             # The probe measures the model as deployed after the sequence: the last-learnt weights.
-            with self.method.eval_context(self.model, tasks_learnt, max(0, tasks_learnt - 1)):
-                general = evaluate_task(self.model, self.formatter, self.probe, batch_size, self.device)[self.probe.metric]
+            deployed = members_of(max(0, tasks_learnt - 1))
+            general = evaluate_task(self.model, self.formatter, self.probe, batch_size, self.device, deployed)[self.probe.metric]
         self.events.evaluation(tasks_learnt, self.task_names, scores, general, task_scores)
         return scores, task_scores, general, time.perf_counter() - started
 
@@ -177,8 +178,9 @@ class Experiment:
         # Seed per task, not per process: a resumed run must draw what an uninterrupted one
         # draws (a new adapter's initialisation in before_task, dropout, data order).
         seed_everything(self.task_seed(t))
-        self.method.before_task(self.model, t, task)
         examples = self._encode(task)
+        task.input_batches = lambda: input_batches(examples, self.cfg.eval.batch_size, self.device)
+        self.method.before_task(self.model, t, task)
 
         trained: dict = {}
 

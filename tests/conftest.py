@@ -20,6 +20,23 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = N
     return subprocess.run([sys.executable, "-m", "cl_runner", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, **popen)
 
 
+COLOURS = ["red", "green", "blue", "cyan"]
+
+
+def task_with_inputs(tokenizer, name: str = "colours", words=COLOURS * 2):
+    """A small task whose training inputs methods can read (``task.input_batches``), as the runner provides them."""
+    from cl_runner.formatting import PromptFormatter
+    from cl_runner.tasks import Example, Task
+    from cl_runner.training.batching import input_batches
+
+    formatter = PromptFormatter(tokenizer, True, None, 128)
+    train = [Example(f"Say the word number {i} ({name}).", word) for i, word in enumerate(words)]
+    task = Task(name=name, dataset_path="json", doc_to_text="q", doc_to_target="a", train=train)
+    encoded = [formatter.encode_example(e, 0) for e in train]
+    task.input_batches = lambda: input_batches(encoded, 4, "cpu")
+    return task, encoded
+
+
 @pytest.fixture(scope="session")
 def tiny_model_and_tokenizer():
     from cl_runner.models import load_model

@@ -7,7 +7,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from cl_runner.config import build
-from conftest import REPO, compose_config
+from conftest import REPO, compose_config, task_with_inputs
 
 CONF = REPO / "conf"
 GROUPS = ["model", "task_sequence", "method", "replay", "eval", "logger", "experiment"]
@@ -60,28 +60,26 @@ def check_trains_exactly_its_parameters(method_cfg, tiny_model_and_tokenizer, tm
 
     import torch
 
-    from cl_runner.formatting import PromptFormatter
     from cl_runner.replay import NoReplay
-    from cl_runner.tasks import Example
     from cl_runner.training import TrainingLoop
 
     base, tokenizer = tiny_model_and_tokenizer
     trainer = compose_config(["model=tiny", "trainer.max_steps=3", "trainer.batch_size=2", "trainer.progress_bar=false", *trainer_overrides]).trainer
     built = build(method_cfg, "method")
     model = built.setup(copy.deepcopy(base))
-    built.before_task(model, 0, task=None)
+    task, examples = task_with_inputs(tokenizer)
+    built.before_task(model, 0, task)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable, "the method trains no parameters"
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    formatter = PromptFormatter(tokenizer, True, None, 128)
-    examples = [formatter.encode_example(Example(f"Say the word number {i}.", word), 0) for i, word in enumerate(["red", "green", "blue", "cyan"] * 2)]
     loop = TrainingLoop(trainer, torch.device("cpu"), tokenizer.pad_token_id)
     stats = loop.train(model, built.trainable_parameters(model), examples, built, NoReplay(), seed=0)
     assert stats["steps"] == 3
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == trainable, f"changed but frozen: {sorted(changed - trainable)[:3]}; trainable but unchanged: {sorted(trainable - changed)[:3]}"
 
+    built.after_task(model, 0, task)
     built.save_checkpoint(model, tmp_path, 0)
     fresh = build(method_cfg, "method")
     restored = fresh.setup(copy.deepcopy(base))

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from cl_runner.config import build
 from cl_runner.runner import run
-from conftest import SMOKE, compose_config
+from conftest import SMOKE, compose_config, task_with_inputs
 from test_configs import check_trains_exactly_its_parameters, options
 
 
@@ -27,7 +27,7 @@ def test_row_zero_is_the_base_model_whatever_the_method(method, tiny_model_and_t
         want = base.eval()(input_ids=ids).logits
         built = build(compose_config([f"method={method}"]).method, "method")
         model = built.setup(copy.deepcopy(base)).eval()
-        built.before_task(model, 0, task=None)
+        built.before_task(model, 0, task_with_inputs(tokenizer)[0])
         with built.eval_context(model, 0, 0):
             got = model(input_ids=ids).logits
     assert torch.equal(got, want)
@@ -83,7 +83,7 @@ def test_osf_projects_gradients_off_the_frozen_directions_and_merges_between_tas
     trained = {n: (layer.get_base_layer().weight + layer.get_delta_weight(adapter_name(0))).detach() for n, layer in osf_layers(model).items()}
     assert any(not torch.equal(w, layer.get_base_layer().weight) for w, layer in zip(trained.values(), osf_layers(model).values()))
     ranks_before = {n: layer.effective_rank[adapter_name(0)] for n, layer in osf_layers(model).items()}
-    built.before_task(model, 1, task=None)  # merges task 0's update, re-splits with a larger frozen share
+    built.before_task(model, 1, task_with_inputs(tokenizer)[0])  # merges task 0's update, re-splits with a larger frozen share
     assert list(model.peft_config) == [adapter_name(1)]
     for n, layer in osf_layers(model).items():
         torch.testing.assert_close(layer.get_base_layer().weight, trained[n])
@@ -126,3 +126,155 @@ def test_every_run_reports_what_each_task_cost(tmp_path):
     summary = json.loads((tmp_path / "results.json").read_text())["resources"]
     assert summary["trainable_parameters"] == results["train"][0]["trainable_parameters"]
     assert summary["bytes_per_task"] == sum(s["checkpoint_bytes"] for s in results["train"]) / 2
+
+
+def lora_layers_of(model):
+    return {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "get_base_layer")}
+
+
+@pytest.mark.parametrize("merge_method", ["mean", "svd", "ties"])
+def test_lora_merge_answers_with_the_merged_adapter(merge_method, tiny_model_and_tokenizer):
+    """The merge of the learnt adapters answers every task; "mean" is exactly the mean of the task deltas."""
+    base, tokenizer = tiny_model_and_tokenizer
+    overrides = ["method=lora_merge", f"method.merge.method={merge_method}"] + (["method.merge.density=0.5"] if merge_method == "ties" else [])
+    built = build(compose_config(overrides).method, "method")
+    model = built.setup(copy.deepcopy(base)).eval()
+    generator = torch.Generator().manual_seed(0)
+    for t in range(3):
+        built.before_task(model, t, task_with_inputs(tokenizer)[0])
+        with torch.no_grad():
+            for layer in lora_layers_of(model).values():  # stand-in for training: a different delta per task
+                layer.lora_B[f"task_{t}"].weight.copy_(torch.randn(layer.lora_B[f"task_{t}"].weight.shape, generator=generator) * 0.1)
+    ids = prompt_ids(tokenizer)
+    for task_index in (0, 2):  # no task id: the same merged model for every task
+        with built.eval_context(model, 3, task_index), torch.no_grad():
+            assert model.active_adapter == "merged"
+            if merge_method == "mean":
+                for layer in lora_layers_of(model).values():
+                    mean_delta = sum(layer.get_delta_weight(f"task_{t}") for t in range(3)) / 3
+                    torch.testing.assert_close(layer.get_delta_weight("merged"), mean_delta, atol=1e-6, rtol=1e-5)
+            merged_logits = model(input_ids=ids).logits
+    assert model.active_adapter == "task_2"  # the trained adapter is active again after evaluation
+    with torch.no_grad():
+        assert not torch.equal(merged_logits, model(input_ids=ids).logits)
+    assert {n for n, p in model.named_parameters() if p.requires_grad and ".merged." in n} == set()  # the merge never trains
+
+
+def test_merge_needs_lora_and_per_task_adapters():
+    from cl_runner.errors import UserError
+
+    with pytest.raises(UserError, match="merges LoRA adapters; method.peft is a IA3Config"):
+        build(compose_config(["method=ia3", "method.mode=per_task", "+method.inference=merge"]).method, "method")
+    with pytest.raises(UserError, match="needs method.mode=per_task"):
+        build(compose_config(["method=seq_lora", "+method.inference=ensemble"]).method, "method")
+    with pytest.raises(UserError, match="needs method.merge.density"):
+        build(compose_config(["method=lora_merge", "method.merge.method=ties"]).method, "method")
+
+
+def test_ensemble_averages_choice_loglikelihoods_and_votes_on_generations():
+    from cl_runner.evaluation import majority_vote, mean_scores
+
+    # two members, two items with three and two choices
+    assert mean_scores([[[-1.0, -3.0, -2.0], [-0.5, -4.0]], [[-3.0, -1.0, -2.0], [-2.5, -1.0]]]) == [[-2.0, -2.0, -2.0], [-1.5, -2.5]]
+    assert majority_vote(["paris", "rome", "rome"]) == "rome"
+    assert majority_vote(["paris", "rome"]) == "paris"  # a tie goes to the earliest member
+
+
+def test_per_task_ensemble_scores_every_task_with_every_learnt_adapter(tmp_path, monkeypatch):
+    from cl_runner import evaluation
+    from cl_runner.runner import Experiment
+
+    calls = []  # (task scored, adapter active) for every choice scoring pass
+    original = evaluation.choice_loglikelihoods
+
+    def spy(model, requests, *args, **kwargs):
+        first_lora = next(iter(lora_layers_of(model).values()))
+        calls.append(None if first_lora.disable_adapters else model.active_adapter)
+        return original(model, requests, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "choice_loglikelihoods", spy)
+    Experiment(compose_config([*SMOKE, "method=per_task_lora", "method.inference=ensemble", "task_sequence.tasks=[second_word,third_word]",
+                               "task_sequence.general_probe=null"]), tmp_path).run()
+    # Row 0: base (2 tasks); row 1: adapter 0 for both tasks; row 2: adapters 0 and 1 for both tasks.
+    assert calls == [None, None, "task_0", "task_0", "task_0", "task_1", "task_0", "task_1"]
+
+
+def test_inflora_designs_each_a_orthogonal_to_the_stored_basis(tiny_model_and_tokenizer):
+    from cl_runner.methods.inflora import adapter_name, lora_layers
+
+    base, tokenizer = tiny_model_and_tokenizer
+    built = build(compose_config(["method=inflora", "method.threshold_start=0.9"]).method, "method")
+    model = built.setup(copy.deepcopy(base))
+    tasks = [task_with_inputs(tokenizer, name, words)[0] for name, words in (("colours", ["red", "blue"] * 4), ("numbers", ["one", "two", "three", "four"] * 2), ("pets", ["cat", "dog"] * 4))]
+    for t, task in enumerate(tasks):
+        built.before_task(model, t, task)
+        for name, layer in lora_layers(model).items():
+            A = layer.lora_A[adapter_name(t)].weight.detach().double()
+            assert A.norm() > 0
+            basis = built.bases.get(name)
+            if basis is not None:
+                assert (A @ basis).norm() <= 1e-5 * A.norm(), (t, name)  # A_t sees nothing of earlier tasks' input space
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable and all(f"lora_B.{adapter_name(t)}." in n for n in trainable)  # only B_t trains
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                layer.lora_B[adapter_name(t)].weight.normal_(0, 0.1)  # stand-in for training
+        earlier = {n: b.clone() for n, b in built.bases.items()}
+        built.after_task(model, t, task)
+        for name, old in earlier.items():  # the basis only grows: earlier tasks' directions stay protected
+            new = built.bases[name]
+            assert new.shape[1] >= old.shape[1] and (old - new @ (new.T @ old)).norm() < 1e-6, (t, name)
+    sizes = [built.bases[n].shape[1] for n in built.bases]
+    assert all(0 < k <= 64 for k in sizes)
+    assert model.base_model.active_adapters == [adapter_name(t) for t in range(3)]  # all branches summed
+
+
+@pytest.mark.parametrize("merge", ["lerp", "dlerp"])
+def test_control_llm_starts_as_the_base_and_trains_only_the_copies(merge, tiny_model_and_tokenizer):
+    from cl_runner.methods.control_llm import ExpandedLayer
+
+    base, tokenizer = tiny_model_and_tokenizer
+    built = build(compose_config(["method=control_llm", "method.expand_every=1", f"method.merge={merge}", "method.divergence_weight=1.0"]).method, "method")
+    model = built.setup(copy.deepcopy(base)).eval()
+    ids = prompt_ids(tokenizer)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, base.eval()(input_ids=ids).logits)
+    expanded = [m for m in model.modules() if isinstance(m, ExpandedLayer)]
+    assert len(expanded) == 2 and all(not p.requires_grad for l in expanded for p in l.pretrained.parameters())
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    copies = {id(p) for l in expanded for p in [*l.expanded.parameters(), *(l.gate.parameters() if merge == "dlerp" else [])]}
+    assert trainable == copies
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    model(**batch)
+    assert built.extra_loss(model, batch, None).item() == 0.0  # identical branches: no divergence yet
+    with torch.no_grad():
+        for layer in expanded:
+            for p in layer.expanded.parameters():
+                p.add_(0.05)
+    model(**batch)
+    loss = built.extra_loss(model, batch, None)
+    assert loss.item() > 0
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for l in expanded for p in l.expanded.mlp.parameters())
+
+
+def test_control_llm_generates_with_a_cache_exactly_as_without(tiny_model_and_tokenizer):
+    """Each copy keeps its own KV-cache slot: cached, batched generation equals full forward passes."""
+    from cl_runner.evaluation.generation import _greedy_without_generate, generate, stop_token_ids
+    from cl_runner.formatting import PromptFormatter
+    from cl_runner.tasks import Example
+
+    base, tokenizer = tiny_model_and_tokenizer
+    built = build(compose_config(["method=control_llm", "method.expand_every=1"]).method, "method")
+    model = built.setup(copy.deepcopy(base)).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+    formatter = PromptFormatter(tokenizer, True, None, 128)
+    examples = [Example("Say hi", "hi"), Example("Count to three, please, slowly", "1 2 3")]
+    cached = generate(model, formatter, examples, 6, 2, "cpu")
+    stops = stop_token_ids(model, formatter)
+    uncached = [tokenizer.decode(_greedy_without_generate(model, formatter.encode_prompt(e, reserve=6), 6, stops, "cpu"), skip_special_tokens=True).strip() for e in examples]
+    assert cached == uncached

@@ -10,7 +10,9 @@ one that goes into the accuracy matrix.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 from tqdm.auto import tqdm
 
@@ -22,28 +24,52 @@ from cl_runner.tasks import Task
 
 CHOICE_METRICS = ("acc", "acc_norm")
 
+# A member of an ensemble: entering the context makes the model compute that member's answers.
+Member = Callable[[], AbstractContextManager]
 
-def evaluate_task(model, formatter: PromptFormatter, task: Task, batch_size: int, device) -> dict[str, float]:
-    """The task's scores on its test split, each in [0, 1]: ``{"acc": .., "acc_norm": ..}`` or ``{metric: ..}``."""
+
+def evaluate_task(model, formatter: PromptFormatter, task: Task, batch_size: int, device, members: Sequence[Member] = (nullcontext,)) -> dict[str, float]:
+    """The task's scores on its test split, each in [0, 1]: ``{"acc": .., "acc_norm": ..}`` or ``{metric: ..}``.
+
+    With several ``members`` (one model each), their choice log-likelihoods are averaged, and
+    their generated answers put to a majority vote (a tie goes to the earliest member).
+    """
     was_training = model.training
     model.eval()
     try:
         if task.metric in CHOICE_METRICS:
             requests = [formatter.encode_choices(e) for e in task.test]
-            scores = choice_loglikelihoods(model, requests, formatter.tokenizer.pad_token_id, batch_size, device)
-            return choice_metrics([e.choices for e in task.test], [e.target for e in task.test], scores)
+            per_member = []
+            for member in members:
+                with member():
+                    per_member.append(choice_loglikelihoods(model, requests, formatter.tokenizer.pad_token_id, batch_size, device))
+            return choice_metrics([e.choices for e in task.test], [e.target for e in task.test], mean_scores(per_member))
         kwargs = task.generation_kwargs
-        predictions = generate(model, formatter, task.test, task.answer_reserve, batch_size, device, until=kwargs.get("until", ()))
+        per_member = []
+        for member in members:
+            with member():
+                per_member.append(generate(model, formatter, task.test, task.answer_reserve, batch_size, device, until=kwargs.get("until", ())))
+        predictions = [majority_vote(answers) for answers in zip(*per_member)]
         metric = GENERATION_METRICS[task.metric]
         return {task.metric: sum(metric(p, e.target) for p, e in zip(predictions, task.test)) / len(task.test)}
     finally:
         model.train(was_training)
 
 
-def evaluate_tasks(model, formatter, tasks: Sequence[Task], batch_size: int, device, eval_context, desc: str, progress_bar: bool = True) -> list[dict[str, float]]:
-    """Score every task, each under ``eval_context(task_index)`` (the method picks its weights)."""
-    scores = []
-    for index, task in enumerate(tqdm(tasks, desc=desc, leave=False, disable=not progress_bar)):
-        with eval_context(index):
-            scores.append(evaluate_task(model, formatter, task, batch_size, device))
-    return scores
+def mean_scores(per_member: Sequence[Sequence[Sequence[float]]]) -> list[list[float]]:
+    """``scores[item][choice]`` averaged over members."""
+    return [[sum(values) / len(values) for values in zip(*item)] for item in zip(*per_member)]
+
+
+def majority_vote(answers: Sequence[str]) -> str:
+    counts = Counter(answers)
+    return max(answers, key=lambda a: counts[a])  # max keeps the first of equals: the earliest member wins a tie
+
+
+def evaluate_tasks(model, formatter, tasks: Sequence[Task], batch_size: int, device, members_of: Callable[[int], Sequence[Member]],
+                   desc: str, progress_bar: bool = True) -> list[dict[str, float]]:
+    """Score every task, task i with the models ``members_of(i)`` names (the method picks its weights)."""
+    return [
+        evaluate_task(model, formatter, task, batch_size, device, members_of(index))
+        for index, task in enumerate(tqdm(tasks, desc=desc, leave=False, disable=not progress_bar))
+    ]

@@ -56,6 +56,12 @@ class ContinualMethod:
         """A context manager under which task ``task_index`` is evaluated, ``tasks_learnt`` tasks in."""
         return contextlib.nullcontext()
 
+    def eval_members(self, model: torch.nn.Module, tasks_learnt: int, task_index: int) -> list[Callable[[], contextlib.AbstractContextManager]]:
+        """The models whose answers are combined to score task ``task_index``: their choice
+        log-likelihoods averaged, their generations put to a majority vote. Default: the one
+        model of ``eval_context``; an ensemble returns one context per member."""
+        return [lambda: self.eval_context(model, tasks_learnt, task_index)]
+
     def save_checkpoint(self, model: torch.nn.Module, directory: Path, task_index: int) -> None:
         """Write what is needed to restore the model after task ``task_index`` into ``directory``."""
         raise NotImplementedError

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from cl_runner.errors import UserError
+from cl_runner.forward import decoder_layers
 from cl_runner.methods.base import ContinualMethod
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -32,14 +33,6 @@ class Bottleneck(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden + self.up(self.activation(self.down(hidden)))
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's list of decoder layers (each with ``self_attn`` and ``mlp``)."""
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) and all(hasattr(m, "self_attn") and hasattr(m, "mlp") for m in module):
-            return module
-    raise UserError("method=houlsby needs decoder layers with self_attn and mlp submodules (LLaMA, Qwen, Mistral, Gemma, ...)")
 
 
 def _adapt_output(module, args, output):

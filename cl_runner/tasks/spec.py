@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import json
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,10 @@ class Task:
     test_equals_train: bool = False
     train: list[Example] = field(default_factory=list, repr=False)
     test: list[Example] = field(default_factory=list, repr=False)
+    # Set by the runner while the task is learnt: a fresh iterator of the training inputs as
+    # padded batches ({"input_ids", "attention_mask"}), for methods that derive something from
+    # them before or after training (InfLoRA's input covariance, CoLoR's prototypes).
+    input_batches: Callable[[], Iterator[dict]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def answer_reserve(self) -> int:
@@ -74,7 +79,7 @@ class Task:
         return {"train": digest(self.train), "test": digest(self.test)}
 
 
-_TASK_KEYS = {f.name for f in fields(Task)} - {"train", "test"}
+_TASK_KEYS = {f.name for f in fields(Task)} - {"train", "test", "input_batches"}
 
 
 def _did_you_mean(key: str, options: set[str]) -> str:

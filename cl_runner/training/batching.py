@@ -19,7 +19,7 @@ of its length; models that cannot take them (see ``supports_tree_layout``) train
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -65,3 +65,10 @@ def training_batch(model, examples: Sequence[TokenizedExample], weights: Sequenc
     target_weights = torch.tensor([weights[owner] for owner in laid.owners.tolist()], dtype=torch.float32)
     return {"input_ids": laid.input_ids, **laid.model_inputs, "read_rows": laid.read_rows, "read_cols": laid.read_cols,
             "targets": laid.targets, "target_weights": target_weights}
+
+
+def input_batches(examples: Sequence[TokenizedExample], batch_size: int, device, pad_token_id: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """The examples' full sequences (prompt and answer), right-padded, ``batch_size`` at a time, in order."""
+    for start in range(0, len(examples), batch_size):
+        ids, mask = pad_right([e.input_ids for e in examples[start : start + batch_size]], pad_token_id)
+        yield {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
