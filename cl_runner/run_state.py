@@ -41,6 +41,17 @@ def result_settings(config: dict) -> dict:
 
 
 @dataclass
+class Row:
+    """One evaluation of every task: a row of the matrix and what came with it."""
+
+    scores: list[float]  # each task's own metric
+    task_scores: list[dict]  # every score of every task
+    general: float | None  # the general probe
+    seconds: float
+    report: dict | None = None  # the method's row_report (e.g. task-identification accuracy)
+
+
+@dataclass
 class RunState:
     run_dir: Path
     settings: dict
@@ -52,6 +63,7 @@ class RunState:
     timing: dict = field(default_factory=lambda: {"train_s": [], "eval_s": []})
     data: dict = field(default_factory=dict)  # task name -> {"train": hash, "test": hash} (Task.fingerprint)
     invocations: list[dict] = field(default_factory=list)  # provenance.invocation_record() of each invocation
+    method_reports: list = field(default_factory=list)  # the method's row_report per row (None where it has none)
 
     @property
     def tasks_completed(self) -> int:
@@ -92,7 +104,7 @@ class RunState:
         _refuse_other_data(run_dir, saved.get("data", {}), data)
         state = cls(
             run_dir, settings, tasks, saved["acc_matrix"], saved["general"], saved["task_scores"], saved["train_stats"], saved["timing"],
-            data, saved.get("invocations", []),
+            data, saved.get("invocations", []), saved.get("method_reports", [None] * len(saved["acc_matrix"])),
         )
         missing = [str(p) for p in state.completed_checkpoints() if not p.is_dir()]
         if missing:
@@ -108,14 +120,15 @@ class RunState:
         data["run_dir"] = str(self.run_dir)
         write_json_atomic(self.run_dir / STATE_FILE, data)
 
-    def record_row(self, scores: list[float], task_scores: list[dict], general: float | None, eval_seconds: float) -> None:
-        self.acc_matrix.append(scores)
-        self.task_scores.append(task_scores)
-        if general is not None:
-            self.general.append(general)
-        self.timing["eval_s"].append(eval_seconds)
+    def record_row(self, row: Row) -> None:
+        self.acc_matrix.append(row.scores)
+        self.task_scores.append(row.task_scores)
+        if row.general is not None:
+            self.general.append(row.general)
+        self.timing["eval_s"].append(row.seconds)
+        self.method_reports.append(row.report)
 
-    def commit_task(self, task_index: int, write_checkpoint, scores, task_scores, general, stats: dict, eval_seconds: float) -> None:
+    def commit_task(self, task_index: int, write_checkpoint, row: Row, stats: dict) -> None:
         """Write task ``task_index``'s checkpoint, then record its row: a kill in between leaves no trace."""
         final = self.checkpoint_dir(task_index)
         for stale in final.parent.glob(final.name + ".*.tmp"):  # left by a run killed mid-write
@@ -125,7 +138,7 @@ class RunState:
         write_dir_atomic(final, write_checkpoint, replace=True)
         self.train_stats.append({**stats, "checkpoint_bytes": directory_bytes(final)})
         self.timing["train_s"].append(stats["seconds"])
-        self.record_row(scores, task_scores, general, eval_seconds)
+        self.record_row(row)
         self.save()
 
 

@@ -34,7 +34,7 @@ from cl_runner.provenance import invocation_record
 from cl_runner.resources import PeakMemory, parameter_count
 from cl_runner.results import build_results
 from cl_runner.run_lock import RunLock
-from cl_runner.run_state import RunState, result_settings
+from cl_runner.run_state import RunState, Row, result_settings
 from cl_runner.tasks import Task, load_task_sequence
 from cl_runner.training import TrainingLoop, check_trainer_config, require_setting
 from cl_runner.training.batching import input_batches
@@ -73,9 +73,11 @@ class EventLog:
         line = self.write({"event": "train_step", "task": task_name, **record})
         self.logger.log_step(record, task_name, step=line)
 
-    def evaluation(self, row: int, task_names: list[str], scores: list[float], general: float | None, task_scores: list[dict]) -> None:
+    def evaluation(self, row: int, task_names: list[str], scores: list[float], general: float | None, task_scores: list[dict], report: dict | None = None) -> None:
         event = {"event": "eval", "tasks_learnt": row, "scores": dict(zip(task_names, scores)), "general_probe": general}
         event["task_scores"] = dict(zip(task_names, task_scores))
+        if report is not None:
+            event["method_report"] = report
         line = self.write(event)
         self.logger.log_evaluation(row, task_names, scores, general, task_scores, step=line)
 
@@ -155,23 +157,27 @@ class Experiment:
             log.info("Resuming %s after task %d/%d (%s)", self.run_dir, self.state.tasks_completed, len(self.tasks), self.task_names[self.state.tasks_completed - 1])
         self.timing["setup_s"] = time.perf_counter() - started
 
-    def _evaluate_row(self, tasks_learnt: int) -> tuple[list[float], list[dict], float | None, float]:
+    def _evaluate_row(self, tasks_learnt: int) -> Row:
         started = time.perf_counter()
         batch_size = self.cfg.eval.batch_size
 
         def members_of(task_index):
             return self.method.eval_members(self.model, tasks_learnt, task_index)
 
+        def router_of(task_index):
+            return lambda prompts: self.method.route_examples(self.model, tasks_learnt, task_index, prompts)
+
         desc = "eval base" if tasks_learnt == 0 else f"eval after {self.task_names[tasks_learnt - 1]}"
-        task_scores = evaluate_tasks(self.model, self.formatter, self.tasks, batch_size, self.device, members_of, desc, self.cfg.eval.progress_bar)
+        task_scores = evaluate_tasks(self.model, self.formatter, self.tasks, batch_size, self.device, members_of, desc, self.cfg.eval.progress_bar, router_of)
         scores = [s[task.metric] for s, task in zip(task_scores, self.tasks)]
         general = None
         if self.probe is not None:
             # The probe measures the model as deployed after the sequence: the last-learnt weights.
             deployed = members_of(max(0, tasks_learnt - 1))
-            general = evaluate_task(self.model, self.formatter, self.probe, batch_size, self.device, deployed)[self.probe.metric]
-        self.events.evaluation(tasks_learnt, self.task_names, scores, general, task_scores)
-        return scores, task_scores, general, time.perf_counter() - started
+            general = evaluate_task(self.model, self.formatter, self.probe, batch_size, self.device, deployed, router_of(None))[self.probe.metric]
+        report = self.method.row_report(tasks_learnt)
+        self.events.evaluation(tasks_learnt, self.task_names, scores, general, task_scores, report)
+        return Row(scores, task_scores, general, time.perf_counter() - started, report)
 
     def _learn_task(self, t: int) -> dict:
         task = self.tasks[t]
@@ -179,7 +185,7 @@ class Experiment:
         # draws (a new adapter's initialisation in before_task, dropout, data order).
         seed_everything(self.task_seed(t))
         examples = self._encode(task)
-        task.input_batches = lambda: input_batches(examples, self.cfg.eval.batch_size, self.device)
+        task.input_batches = lambda prompts_only=False: input_batches(examples, self.cfg.eval.batch_size, self.device, prompts_only)
         self.method.before_task(self.model, t, task)
 
         trained: dict = {}
@@ -211,22 +217,22 @@ class Experiment:
         self.events.write({"event": "start", "tasks_completed": self.state.tasks_completed})
         try:
             if not self.state.acc_matrix:
-                scores, task_scores, general, seconds = self._evaluate_row(0)
-                self.state.record_row(scores, task_scores, general, seconds)
+                row = self._evaluate_row(0)
+                self.state.record_row(row)
                 self.state.save()
-                log.info("base model: %s general %s", _format_row(scores), _format_score(general))
+                log.info("base model: %s general %s", _format_row(row.scores), _format_score(row.general))
             for t in range(self.state.tasks_completed, len(self.tasks)):
                 stats = self._learn_task(t)
-                scores, task_scores, general, seconds = self._evaluate_row(t + 1)
+                row = self._evaluate_row(t + 1)
 
                 def write_checkpoint(directory: Path, t=t) -> None:
                     self.method.save_checkpoint(self.model, directory, t)
 
-                self.state.commit_task(t, write_checkpoint, scores, task_scores, general, stats, seconds)
+                self.state.commit_task(t, write_checkpoint, row, stats)
                 log.info(
                     "task %d/%d %s: %d steps, %.1f s, %.0f tok/s, loss %.3f | R[%d] %s | general %s",
                     t + 1, len(self.tasks), self.task_names[t], stats["steps"], stats["seconds"], stats["tokens_per_s"],
-                    stats["final_loss"] or float("nan"), t + 1, _format_row(scores), _format_score(general),
+                    stats["final_loss"] or float("nan"), t + 1, _format_row(row.scores), _format_score(row.general),
                 )
             results = self._finish(time.perf_counter() - total_started)
         except BaseException:
@@ -240,7 +246,7 @@ class Experiment:
         self.timing["this_invocation_s"] = seconds
         results = build_results(
             self.task_names, self.state.acc_matrix, self.state.general, self.timing, self.state.train_stats, self.config,
-            self.state.task_scores, self.state.invocations,
+            self.state.task_scores, self.state.invocations, self.state.method_reports,
         )
         write_json_atomic(self.run_dir / "results.json", results)
         heatmap = plot_heatmap(self.task_names, self.state.acc_matrix, self.run_dir / "acc_matrix.png", title=f"{self.cfg.method.name}: R[t][i]")

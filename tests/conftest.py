@@ -33,7 +33,7 @@ def task_with_inputs(tokenizer, name: str = "colours", words=COLOURS * 2):
     train = [Example(f"Say the word number {i} ({name}).", word) for i, word in enumerate(words)]
     task = Task(name=name, dataset_path="json", doc_to_text="q", doc_to_target="a", train=train)
     encoded = [formatter.encode_example(e, 0) for e in train]
-    task.input_batches = lambda: input_batches(encoded, 4, "cpu")
+    task.input_batches = lambda prompts_only=False: input_batches(encoded, 4, "cpu", prompts_only)
     return task, encoded
 
 

@@ -278,3 +278,88 @@ def test_control_llm_generates_with_a_cache_exactly_as_without(tiny_model_and_to
     stops = stop_token_ids(model, formatter)
     uncached = [tokenizer.decode(_greedy_without_generate(model, formatter.encode_prompt(e, reserve=6), 6, stops, "cpu"), skip_special_tokens=True).strip() for e in examples]
     assert cached == uncached
+
+
+def test_color_identifies_each_task_from_its_prototypes_and_routes_to_its_adapter(tiny_model_and_tokenizer):
+    from cl_runner.formatting import PromptFormatter
+    from cl_runner.methods.color import kmeans
+    from cl_runner.training.batching import padded_batches
+
+    base, tokenizer = tiny_model_and_tokenizer
+    built = build(compose_config(["method=color", "method.clusters_per_task=2"]).method, "method")
+    model = built.setup(copy.deepcopy(base)).eval()
+    templates = {"colours": "Say the word number {i} ({name}).", "sums": "What is {i} plus {i}? Answer with digits only, {name}."}
+    tasks = []
+    for t, name in enumerate(templates):
+        task, _ = task_with_inputs(tokenizer, name)
+        task.train = [type(e)(templates[name].format(i=i, name=name), e.target) for i, e in enumerate(task.train)]
+        formatter = PromptFormatter(tokenizer, True, None, 128)
+        encoded = [formatter.encode_example(e, 0) for e in task.train]
+        from cl_runner.training.batching import input_batches
+        task.input_batches = lambda prompts_only=False, encoded=encoded: input_batches(encoded, 4, "cpu", prompts_only)
+        built.before_task(model, t, task)
+        tasks.append(task)
+    assert built.prototypes.shape == (4, 64) and built.prototype_tasks.tolist() == [0, 0, 1, 1]
+    formatter = PromptFormatter(tokenizer, True, None, 128)
+    for t, task in enumerate(tasks):
+        prompts = [formatter.encode_prompt(type(e)(e.prompt.replace("number", "no."), e.target)) for e in task.train]  # unseen but similar prompts
+        routes = built.route_examples(model, 2, t, lambda prompts=prompts: padded_batches(prompts, 4, "cpu"))
+        assert routes == [t] * len(prompts)
+    assert built.row_report(2) == {"task_identification": {"0": 1.0, "1": 1.0}}
+    members = built.eval_members(model, 2, 0)
+    with members[1]():
+        assert model.active_adapter == "task_1"
+    # k-means: two well separated clouds give one centroid each
+    points = torch.cat([torch.zeros(5, 2), torch.ones(5, 2) * 10]) + torch.randn(10, 2, generator=torch.Generator().manual_seed(0)) * 0.1
+    centroids = kmeans(points, 2, seed=0)
+    assert sorted(c.round().tolist() for c in centroids) == [[0.0, 0.0], [10.0, 10.0]]
+
+
+def test_color_reports_task_identification_per_row(tmp_path):
+    results = run(compose_config([*SMOKE, "method=color", "task_sequence.tasks=[second_word,last_word]"]), tmp_path)
+    reports = results["method_reports"]
+    assert reports[0] is None and set(reports[1]["task_identification"]) == {"0"}
+    assert set(reports[2]["task_identification"]) == {"0", "1"}
+    assert all(0.0 <= v <= 1.0 for r in reports[1:] for v in r["task_identification"].values())
+
+
+def test_routed_examples_are_answered_by_their_member_only(tiny_model_and_tokenizer, monkeypatch):
+    import contextlib
+
+    from cl_runner import evaluation
+    from cl_runner.formatting import PromptFormatter
+    from cl_runner.tasks import Example, Task
+
+    model, tokenizer = tiny_model_and_tokenizer
+    formatter = PromptFormatter(tokenizer, True, None, 128)
+    task = Task(name="t", dataset_path="json", doc_to_text="q", doc_to_target="a", doc_to_choice=["yes", "no"],
+                test=[Example(f"Question {i}?", "yes", ("yes", "no")) for i in range(3)])
+    answered = []
+    active = {"member": None}
+
+    def member(index):
+        @contextlib.contextmanager
+        def context():
+            active["member"] = index
+            yield
+        return context
+
+    original = evaluation.choice_loglikelihoods
+
+    def spy(model, requests, *args, **kwargs):
+        answered.append((active["member"], len(requests)))
+        return [[0.0, -1.0] if active["member"] == 0 else [-1.0, 0.0] for _ in requests]  # member 0 says yes, member 1 no
+
+    monkeypatch.setattr(evaluation, "choice_loglikelihoods", spy)
+    seen_prompts = []
+
+    def router(prompt_batches):
+        seen_prompts.extend(b["input_ids"].shape[0] for b in prompt_batches())
+        return [0, 1, 1]
+
+    scores = evaluation.evaluate_task(model, formatter, task, 8, "cpu", [member(0), member(1)], router)
+    assert answered == [(0, 1), (1, 2)] and sum(seen_prompts) == 3
+    assert scores["acc"] == pytest.approx(1 / 3)  # only the example routed to member 0 is answered "yes"
+    answered.clear()
+    scores = evaluation.evaluate_task(model, formatter, task, 8, "cpu", [member(0), member(1)])  # no router: an ensemble
+    assert answered == [(0, 3), (1, 3)] and scores["acc"] == 1.0  # ties (-0.5 each) go to the first choice

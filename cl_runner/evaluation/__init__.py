@@ -11,7 +11,7 @@ one that goes into the accuracy matrix.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
 from tqdm.auto import tqdm
@@ -21,6 +21,7 @@ from cl_runner.evaluation.loglikelihood import choice_loglikelihoods, choice_met
 from cl_runner.evaluation.text_metrics import GENERATION_METRICS
 from cl_runner.formatting import PromptFormatter
 from cl_runner.tasks import Task
+from cl_runner.training.batching import padded_batches
 
 CHOICE_METRICS = ("acc", "acc_norm")
 
@@ -28,32 +29,45 @@ CHOICE_METRICS = ("acc", "acc_norm")
 Member = Callable[[], AbstractContextManager]
 
 
-def evaluate_task(model, formatter: PromptFormatter, task: Task, batch_size: int, device, members: Sequence[Member] = (nullcontext,)) -> dict[str, float]:
+def evaluate_task(model, formatter: PromptFormatter, task: Task, batch_size: int, device, members: Sequence[Member] = (nullcontext,),
+                  router: Callable[[Callable[[], Iterator[dict]]], list[int] | None] | None = None) -> dict[str, float]:
     """The task's scores on its test split, each in [0, 1]: ``{"acc": .., "acc_norm": ..}`` or ``{metric: ..}``.
 
     With several ``members`` (one model each), their choice log-likelihoods are averaged, and
-    their generated answers put to a majority vote (a tie goes to the earliest member).
+    their generated answers put to a majority vote (a tie goes to the earliest member). A
+    ``router`` (given the test prompts as padded batches) may instead send each example to one
+    member (``routes[i]``), which alone answers it.
     """
     was_training = model.training
     model.eval()
     try:
+        routes = None
+        if router is not None:
+            prompts = [formatter.encode_prompt(e, task.answer_reserve) for e in task.test]
+            routes = router(lambda: padded_batches(prompts, batch_size, device))
+        chosen = [list(range(len(task.test))) if routes is None else [i for i, r in enumerate(routes) if r == m] for m in range(len(members))]
         if task.metric in CHOICE_METRICS:
             requests = [formatter.encode_choices(e) for e in task.test]
-            per_member = []
-            for member in members:
-                with member():
-                    per_member.append(choice_loglikelihoods(model, requests, formatter.tokenizer.pad_token_id, batch_size, device))
-            return choice_metrics([e.choices for e in task.test], [e.target for e in task.test], mean_scores(per_member))
+            per_member = [_answers(member, chosen[m], lambda items: choice_loglikelihoods(model, [requests[i] for i in items], formatter.tokenizer.pad_token_id, batch_size, device))
+                          for m, member in enumerate(members)]
+            scores = [mean_scores([[answers[i]] for answers in per_member if i in answers])[0] for i in range(len(task.test))]
+            return choice_metrics([e.choices for e in task.test], [e.target for e in task.test], scores)
         kwargs = task.generation_kwargs
-        per_member = []
-        for member in members:
-            with member():
-                per_member.append(generate(model, formatter, task.test, task.answer_reserve, batch_size, device, until=kwargs.get("until", ())))
-        predictions = [majority_vote(answers) for answers in zip(*per_member)]
+        per_member = [_answers(member, chosen[m], lambda items: generate(model, formatter, [task.test[i] for i in items], task.answer_reserve, batch_size, device, until=kwargs.get("until", ())))
+                      for m, member in enumerate(members)]
+        predictions = [majority_vote([answers[i] for answers in per_member if i in answers]) for i in range(len(task.test))]
         metric = GENERATION_METRICS[task.metric]
         return {task.metric: sum(metric(p, e.target) for p, e in zip(predictions, task.test)) / len(task.test)}
     finally:
         model.train(was_training)
+
+
+def _answers(member: Member, items: list[int], answer) -> dict[int, object]:
+    """``{item: answer}`` for the items this member answers, computed under its context."""
+    if not items:
+        return {}
+    with member():
+        return dict(zip(items, answer(items)))
 
 
 def mean_scores(per_member: Sequence[Sequence[Sequence[float]]]) -> list[list[float]]:
@@ -67,9 +81,9 @@ def majority_vote(answers: Sequence[str]) -> str:
 
 
 def evaluate_tasks(model, formatter, tasks: Sequence[Task], batch_size: int, device, members_of: Callable[[int], Sequence[Member]],
-                   desc: str, progress_bar: bool = True) -> list[dict[str, float]]:
-    """Score every task, task i with the models ``members_of(i)`` names (the method picks its weights)."""
+                   desc: str, progress_bar: bool = True, router_of: Callable[[int], object] | None = None) -> list[dict[str, float]]:
+    """Score every task, task i with the models ``members_of(i)`` names (the method picks its weights), routed by ``router_of(i)``."""
     return [
-        evaluate_task(model, formatter, task, batch_size, device, members_of(index))
+        evaluate_task(model, formatter, task, batch_size, device, members_of(index), router_of(index) if router_of else None)
         for index, task in enumerate(tqdm(tasks, desc=desc, leave=False, disable=not progress_bar))
     ]

@@ -62,6 +62,18 @@ class ContinualMethod:
         model of ``eval_context``; an ensemble returns one context per member."""
         return [lambda: self.eval_context(model, tasks_learnt, task_index)]
 
+    def route_examples(self, model: torch.nn.Module, tasks_learnt: int, task_index: int | None, prompt_batches) -> list[int] | None:
+        """Send each test example of task ``task_index`` (None: the general probe) to one member of
+        ``eval_members`` (its index), e.g. by identifying the task from the prompt;
+        ``prompt_batches()`` yields the test prompts as padded batches. None: every member answers
+        every example."""
+        return None
+
+    def row_report(self, tasks_learnt: int) -> dict | None:
+        """Anything the method measured while row ``tasks_learnt`` was scored (e.g. task-identification
+        accuracy); kept per row in ``results.json`` as ``method_reports``."""
+        return None
+
     def save_checkpoint(self, model: torch.nn.Module, directory: Path, task_index: int) -> None:
         """Write what is needed to restore the model after task ``task_index`` into ``directory``."""
         raise NotImplementedError

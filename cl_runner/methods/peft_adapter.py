@@ -87,7 +87,8 @@ class PeftAdapter(ContinualMethod):
         return [p for n, p in model.named_parameters() if p.requires_grad and f".{name}." in f".{n}."]
 
     @contextlib.contextmanager
-    def _using(self, model, name: str):
+    def using(self, model, name: str):
+        """Answer with adapter ``name``; the one being trained is active again afterwards."""
         model.set_adapter(name)
         try:
             yield
@@ -101,13 +102,13 @@ class PeftAdapter(ContinualMethod):
             return contextlib.nullcontext()
         if self.inference == "merge":
             self._build_merged(model, tasks_learnt)
-            return self._using(model, MERGED)
-        return self._using(model, self.adapter_name(task_index))
+            return self.using(model, MERGED)
+        return self.using(model, self.adapter_name(task_index))
 
     def eval_members(self, model, tasks_learnt: int, task_index: int):
         if self.inference != "ensemble" or tasks_learnt == 0:
             return super().eval_members(model, tasks_learnt, task_index)
-        return [lambda t=t: self._using(model, self.adapter_name(t)) for t in range(tasks_learnt)]
+        return [lambda t=t: self.using(model, self.adapter_name(t)) for t in range(tasks_learnt)]
 
     def merge_weights(self, count: int) -> list[float]:
         weights = self.merge["weights"]

@@ -60,9 +60,10 @@ class Task:
     test_equals_train: bool = False
     train: list[Example] = field(default_factory=list, repr=False)
     test: list[Example] = field(default_factory=list, repr=False)
-    # Set by the runner while the task is learnt: a fresh iterator of the training inputs as
-    # padded batches ({"input_ids", "attention_mask"}), for methods that derive something from
-    # them before or after training (InfLoRA's input covariance, CoLoR's prototypes).
+    # Set by the runner while the task is learnt: ``input_batches(prompts_only=False)`` gives a
+    # fresh iterator of the training inputs (or only their prompts) as padded batches
+    # ({"input_ids", "attention_mask"}), for methods that derive something from them before or
+    # after training (InfLoRA's input covariance, CoLoR's prototypes).
     input_batches: Callable[[], Iterator[dict]] | None = field(default=None, repr=False, compare=False)
 
     @property

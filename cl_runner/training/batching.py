@@ -67,8 +67,18 @@ def training_batch(model, examples: Sequence[TokenizedExample], weights: Sequenc
             "targets": laid.targets, "target_weights": target_weights}
 
 
-def input_batches(examples: Sequence[TokenizedExample], batch_size: int, device, pad_token_id: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    """The examples' full sequences (prompt and answer), right-padded, ``batch_size`` at a time, in order."""
-    for start in range(0, len(examples), batch_size):
-        ids, mask = pad_right([e.input_ids for e in examples[start : start + batch_size]], pad_token_id)
+def input_batches(examples: Sequence[TokenizedExample], batch_size: int, device, prompts_only: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """The examples' sequences (prompt and answer, or with ``prompts_only`` the prompt), right-padded, ``batch_size`` at a time, in order."""
+    sequences = [e.input_ids[: prompt_length(e)] if prompts_only else e.input_ids for e in examples]
+    return padded_batches(sequences, batch_size, device)
+
+
+def prompt_length(example: TokenizedExample) -> int:
+    """Tokens before the answer: the labels are IGNORE_INDEX there."""
+    return next((i for i, label in enumerate(example.labels) if label != IGNORE_INDEX), len(example.labels))
+
+
+def padded_batches(sequences: Sequence[Sequence[int]], batch_size: int, device, pad_token_id: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    for start in range(0, len(sequences), batch_size):
+        ids, mask = pad_right(sequences[start : start + batch_size], pad_token_id)
         yield {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
