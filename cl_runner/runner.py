@@ -186,8 +186,6 @@ class Experiment:
         seed_everything(self.task_seed(t))
         examples = self._encode(task)
         task.input_batches = lambda prompts_only=False: input_batches(examples, self.cfg.eval.batch_size, self.device, prompts_only)
-        self.method.before_task(self.model, t, task)
-
         trained: dict = {}
 
         def train() -> dict:
@@ -196,7 +194,8 @@ class Experiment:
             trained["trainable_parameters"] = parameter_count(params)
             return self.loop.train(self.model, params, examples, self.method, self.replay, seed=self.task_seed(t), task_name=task.name)
 
-        with PeakMemory(self.device) as peak:
+        with PeakMemory(self.device) as peak:  # what the method does around training counts too
+            self.method.before_task(self.model, t, task)
             stats = self.method.learn(self.model, t, task, train)
             self.method.after_task(self.model, t, task)
         stats = {**stats, **trained, "peak_memory_bytes": peak.bytes, "peak_memory_kind": peak.kind}

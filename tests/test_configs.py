@@ -84,6 +84,10 @@ def check_trains_exactly_its_parameters(method_cfg, tiny_model_and_tokenizer, tm
     fresh = build(method_cfg, "method")
     restored = fresh.setup(copy.deepcopy(base))
     fresh.load_checkpoint(restored, [tmp_path])
+    for state in ("bases", "prototypes"):  # InfLoRA's input-space bases, CoLoR's prototypes
+        if hasattr(built, state):
+            saved, loaded = getattr(built, state), getattr(fresh, state)
+            assert (saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)) if isinstance(saved, dict) else torch.equal(saved, loaded)
     with torch.no_grad():  # the restored model computes what the trained one computes (up to rounding: OSF stores merged weights)
         ids = torch.tensor([examples[0].input_ids])
         torch.testing.assert_close(restored.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits, atol=1e-5, rtol=1e-5)

@@ -97,5 +97,11 @@ def test_prefix_tuning_generates_with_its_prefix(tiny_model_and_tokenizer):
         with tuned.disable_adapter():
             first_without = int(tuned(input_ids=prompt).logits[0, -1].argmax())
     assert first_with_prefix != first_without  # the prefix matters for this prompt
+    from cl_runner.evaluation.generation import _greedy_without_generate, stop_token_ids
+
     [answer] = generate(tuned, formatter, [example], max_new_tokens=4, batch_size=1, device="cpu")
-    assert tokenizer.encode(answer)[0] == first_with_prefix or answer.startswith(tokenizer.decode([first_with_prefix]).strip())
+    expected = _greedy_without_generate(tuned, prompt[0].tolist(), 4, stop_token_ids(tuned, formatter), "cpu")
+    assert expected[0] == first_with_prefix and answer == tokenizer.decode(expected, skip_special_tokens=True).strip()
+    with tuned.disable_adapter():
+        [untuned] = generate(tuned, formatter, [example], max_new_tokens=4, batch_size=1, device="cpu")
+    assert answer != untuned

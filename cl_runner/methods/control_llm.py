@@ -39,8 +39,9 @@ class ExpandedLayer(nn.Module):
         self.expanded = copy.deepcopy(pretrained)
         self.merge, self.lerp_weight = merge, lerp_weight
         if merge == "dlerp":
-            self.gate = nn.Linear(2 * hidden_size, 1)
+            self.gate = nn.Linear(2 * hidden_size, 1).to(next(pretrained.parameters()).dtype)
             nn.init.zeros_(self.gate.bias)
+        self.track_divergence = False  # set by the method when the divergence loss is on
         self.divergence: torch.Tensor | None = None  # per token, from the last forward pass
         if hasattr(pretrained, "attention_type"):  # read by models that mix sliding and full attention
             self.attention_type = pretrained.attention_type
@@ -72,7 +73,8 @@ class ExpandedLayer(nn.Module):
         else:
             weight = self.lerp_weight
         merged = h_pre + weight * (h_exp - h_pre)
-        self.divergence = (h_exp.float() - h_pre.float()).pow(2).mean(-1)
+        # Only when the loss uses it: the tensor keeps this pass's graph alive until the next one.
+        self.divergence = (h_exp.float() - h_pre.float()).pow(2).mean(-1) if self.training and self.track_divergence else None
         return (merged, *out_pre[1:]) if isinstance(out_pre, tuple) else merged
 
 
@@ -108,6 +110,7 @@ class ControlLLM(ContinualMethod):
         for slot, index in enumerate(chosen, start=len(layers)):
             layers[index] = ExpandedLayer(layers[index], self.merge, self.lerp_weight, model.config.hidden_size)
             layers[index].use_cache_slot(slot)
+            layers[index].track_divergence = self.divergence_weight > 0
             layers[index].expanded.requires_grad_(True)
             if self.merge == "dlerp":
                 layers[index].gate.requires_grad_(True)
@@ -119,6 +122,8 @@ class ControlLLM(ContinualMethod):
         losses = []
         for layer in self.expanded_layers(model):
             per_token = layer.divergence
+            if per_token is None:  # not training (no graph to follow)
+                return None
             mask = real_token_mask(batch, per_token.shape[1]).to(per_token.device)
             losses.append(per_token[mask].mean())
         return self.divergence_weight * torch.stack(losses).mean()

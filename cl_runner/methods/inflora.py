@@ -69,8 +69,9 @@ def input_covariances(model, layers: dict, batches) -> dict[str, torch.Tensor]:
 
 def designed_a(covariance: torch.Tensor, basis: torch.Tensor | None, rank: int) -> torch.Tensor:
     """A_t (rank x in): top left singular vectors of the covariance with the basis' span removed, / sqrt(3)."""
-    projector = torch.eye(covariance.shape[0], dtype=covariance.dtype)
+    projector = torch.eye(covariance.shape[0], dtype=covariance.dtype, device=covariance.device)
     if basis is not None and basis.shape[1]:
+        basis = basis.to(covariance.device, covariance.dtype)
         projector = projector - basis @ basis.T
     U, _, _ = torch.linalg.svd(projector @ covariance)
     return (projector @ U[:, :rank]).T / math.sqrt(3)
@@ -78,20 +79,21 @@ def designed_a(covariance: torch.Tensor, basis: torch.Tensor | None, rank: int) 
 
 def grow_basis(covariance: torch.Tensor, basis: torch.Tensor | None, threshold: float) -> torch.Tensor:
     """GPM: add the covariance's directions outside the basis until the basis holds ``threshold`` of its energy."""
+    if basis is None or not basis.shape[1]:
+        # First task: the leading directions whose cumulative energy share stays below the threshold.
+        U, S, _ = torch.linalg.svd(covariance)
+        share = S.square().cumsum(0) / S.square().sum()
+        return U[:, : max(int((share < threshold).sum()), 1)]
+    basis = basis.to(covariance.device, covariance.dtype)
     total = torch.linalg.svdvals(covariance).square().sum()
-    residual = covariance if basis is None or not basis.shape[1] else covariance - basis @ (basis.T @ covariance)
-    U, S, _ = torch.linalg.svd(residual)
+    U, S, _ = torch.linalg.svd(covariance - basis @ (basis.T @ covariance))
     energy = S.square()
     inside = 1 - energy.sum() / total  # share already explained by the basis
     added = 0
     while added < len(energy) and inside < threshold:
         inside += energy[added] / total
         added += 1
-    if basis is None or not basis.shape[1]:
-        new = U[:, : max(added, 1)]
-    else:
-        new = torch.cat([basis, U[:, :added]], dim=1)
-    return new[:, : covariance.shape[0]]
+    return torch.cat([basis, U[:, :added]], dim=1)[:, : covariance.shape[0]]
 
 
 class InfLoRA(ContinualMethod):

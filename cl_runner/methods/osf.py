@@ -33,6 +33,14 @@ def osf_layers(model) -> dict[str, torch.nn.Module]:
     return {name: module for name, module in model.named_modules() if hasattr(module, "osf_svd_params")}
 
 
+def reattach_projection(model, name: str) -> None:
+    """PEFT hooks the gradient projection onto the trainable factors, then (for bf16/fp16 weights)
+    replaces them by fp32 copies that carry no hooks: attach them again to the parameters in use."""
+    for layer in osf_layers(model).values():
+        layer._detach_hooks()
+        layer._attach_hooks(name)
+
+
 class OrthogonalSubspace(ContinualMethod):
     def __init__(self, target_modules: list, effective_ranks: list = (0.3, 0.5, 0.7)):
         ranks = list(effective_ranks)
@@ -47,7 +55,9 @@ class OrthogonalSubspace(ContinualMethod):
         return OSFConfig(task_type="CAUSAL_LM", target_modules=self.target_modules, effective_rank=rank)
 
     def setup(self, model):
-        return get_peft_model(model, self.config(0), adapter_name=adapter_name(0))
+        model = get_peft_model(model, self.config(0), adapter_name=adapter_name(0))
+        reattach_projection(model, adapter_name(0))
+        return model
 
     @torch.no_grad()
     def _merge_current(self, model) -> None:
@@ -63,6 +73,7 @@ class OrthogonalSubspace(ContinualMethod):
         self._merge_current(model)
         model.add_adapter(adapter_name(task_index), self.config(task_index))  # a new SVD of the merged weights
         model.set_adapter(adapter_name(task_index))
+        reattach_projection(model, adapter_name(task_index))
         self.current = task_index
 
     def eval_context(self, model, tasks_learnt: int, task_index: int):
@@ -93,3 +104,4 @@ class OrthogonalSubspace(ContinualMethod):
         model.delete_adapter(adapter_name(0))
         model.add_adapter(adapter_name(self.current), self.config(self.current))
         model.set_adapter(adapter_name(self.current))
+        reattach_projection(model, adapter_name(self.current))
