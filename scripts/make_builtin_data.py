@@ -7,6 +7,10 @@ instructions ("reply with the second word", "... the last word"), so training on
 the others: sequential LoRA forgets. The base SmolLM2-135M-Instruct is near chance on them.
 ``general_instructions`` (replay data) and ``general_probe`` (held-out probe) are short
 instructions whose answers code can check; they share no item.
+
+The ``mixed_skills`` tasks differ in their inputs and in the form of their answers (a sum, a
+word spelt backwards, a continent, a reformatted date, a sentiment label), so training one
+disturbs the others only in part: every task is multiple choice, each with its own distractors.
 """
 
 from __future__ import annotations
@@ -79,6 +83,65 @@ def country_continent_records(rng: random.Random) -> list[dict]:
     return records
 
 
+MIXED_SPLIT_SIZES = {"train": 160, "test": 40}
+BACKWARD_WORDS = (
+    "lamp desk road ship frog milk tent coin drum kite nest ring salt sock star wind bell cake door fork "
+    "gate hill iron jar king leaf mask nail pond rope seed tool vase wall yarn bowl card dust flag harp"
+).split()
+POSITIVE = "wonderful delightful excellent charming superb lovely brilliant pleasant".split()
+NEGATIVE = "terrible dreadful awful boring dismal horrible tedious unpleasant".split()
+NOUNS = "film meal hotel concert book service trip show game album".split()
+
+
+def _choices(answer: str, distractors: list[str], rng: random.Random, count: int = 4) -> list[str]:
+    options = [answer] + [d for d in dict.fromkeys(distractors) if d != answer][: count - 1]
+    rng.shuffle(options)
+    return options
+
+
+def two_digit_sum_records(size: int, rng: random.Random) -> list[dict]:
+    records = []
+    for _ in range(size):
+        a, b = rng.randint(10, 49), rng.randint(10, 49)
+        total = a + b
+        options = _choices(str(total), [str(total + d) for d in rng.sample([-10, -1, 1, 10, 2, -2], 4)], rng)
+        records.append({"a": a, "b": b, "answer": str(total), "choices": options})
+    return records
+
+
+def word_backwards_records(size: int, rng: random.Random) -> list[dict]:
+    records = []
+    for _ in range(size):
+        word, other = rng.sample(BACKWARD_WORDS, 2)
+        backwards = word[::-1]
+        options = _choices(backwards, [word, backwards[1] + backwards[0] + backwards[2:], other[::-1]], rng)
+        records.append({"word": word, "answer": backwards, "choices": options})
+    return records
+
+
+def date_format_records(size: int, rng: random.Random) -> list[dict]:
+    records = []
+    for _ in range(size):
+        year, month, day = rng.randint(1990, 2029), rng.randint(1, 12), rng.randint(13, 28)  # day > 12: DD/MM and MM/DD differ
+        answer = f"{day:02d}/{month:02d}/{year}"
+        options = _choices(answer, [f"{month:02d}/{day:02d}/{year}", f"{year}/{month:02d}/{day:02d}", f"{day:02d}-{month:02d}-{year}"], rng)
+        records.append({"date": f"{year}-{month:02d}-{day:02d}", "answer": answer, "choices": options})
+    return records
+
+
+def review_sentiment_records(size: int, rng: random.Random) -> list[dict]:
+    records = []
+    for _ in range(size):
+        label = rng.choice(["positive", "negative"])
+        first, second = rng.sample(POSITIVE if label == "positive" else NEGATIVE, 2)
+        records.append({"review": f"The {rng.choice(NOUNS)} was {first} and {second}.", "answer": label, "choices": ["positive", "negative"]})
+    return records
+
+
+MIXED_TASKS = {"two_digit_sum": two_digit_sum_records, "word_backwards": word_backwards_records, "date_format": date_format_records,
+               "review_sentiment": review_sentiment_records}
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records), encoding="utf-8")
 
@@ -101,6 +164,16 @@ def generate(out: Path, seed: int = 1234) -> list[Path]:
     path = out / "country_continent.test.jsonl"
     write_jsonl(path, country_continent_records(random.Random(f"{seed}-country-continent")))
     written.append(path)
+    for task, make in MIXED_TASKS.items():
+        for split, size in MIXED_SPLIT_SIZES.items():
+            path = out / f"{task}.{split}.jsonl"
+            write_jsonl(path, make(size, random.Random(f"{seed}-{task}-{split}")))
+            written.append(path)
+    countries = country_continent_records(random.Random(f"{seed}-continent-of"))  # 92: 60 to learn, 32 to test
+    for split, records in (("train", countries[:60]), ("test", countries[60:])):
+        path = out / f"continent_of.{split}.jsonl"
+        write_jsonl(path, records)
+        written.append(path)
     return written
 
 
