@@ -64,5 +64,6 @@ def load_adapter(model, path: Path, adapter_name: str = "default") -> None:
         raise UserError(f"adapter file {path} does not match the model (unexpected keys {unexpected[:3]}); delete the run directory to start over")
 
 
-def trainable_parameter_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def lora_layers(model) -> dict[str, torch.nn.Module]:
+    """The modules PEFT wrapped with LoRA, by name."""
+    return {name: module for name, module in model.named_modules() if hasattr(module, "lora_A") and hasattr(module, "get_base_layer")}

@@ -7,7 +7,6 @@ the peak of ``torch.cuda.max_memory_allocated`` on a GPU.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch

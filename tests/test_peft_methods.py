@@ -8,6 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from cl_runner.config import build
+from cl_runner.peft_utils import lora_layers
 from cl_runner.runner import run
 from conftest import SMOKE, compose_config, task_with_inputs
 from test_configs import check_trains_exactly_its_parameters, options
@@ -136,10 +137,6 @@ def test_every_run_reports_what_each_task_cost(tmp_path):
     assert summary["bytes_per_task"] == sum(s["checkpoint_bytes"] for s in results["train"]) / 2
 
 
-def lora_layers_of(model):
-    return {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "get_base_layer")}
-
-
 @pytest.mark.parametrize("merge_method", ["mean", "svd", "ties"])
 def test_lora_merge_answers_with_the_merged_adapter(merge_method, tiny_model_and_tokenizer):
     """The merge of the learnt adapters answers every task; "mean" is exactly the mean of the task deltas."""
@@ -151,20 +148,20 @@ def test_lora_merge_answers_with_the_merged_adapter(merge_method, tiny_model_and
     for t in range(3):
         built.before_task(model, t, task_with_inputs(tokenizer)[0])
         with torch.no_grad():
-            for layer in lora_layers_of(model).values():  # stand-in for training: a different delta per task
+            for layer in lora_layers(model).values():  # stand-in for training: a different delta per task
                 layer.lora_B[f"task_{t}"].weight.copy_(torch.randn(layer.lora_B[f"task_{t}"].weight.shape, generator=generator) * 0.1)
     ids = prompt_ids(tokenizer)
     if merge_method == "mean":  # two tasks learnt, then three: the merge follows
         for learnt in (2, 3):
             with built.eval_context(model, learnt, 0), torch.no_grad():
-                for layer in lora_layers_of(model).values():
+                for layer in lora_layers(model).values():
                     mean_delta = sum(layer.get_delta_weight(f"task_{t}") for t in range(learnt)) / learnt
                     torch.testing.assert_close(layer.get_delta_weight("merged"), mean_delta, atol=1e-6, rtol=1e-5)
     for task_index in (0, 2):  # no task id: the same merged model for every task
         with built.eval_context(model, 3, task_index), torch.no_grad():
             assert model.active_adapter == "merged"
             if merge_method == "mean":
-                for layer in lora_layers_of(model).values():
+                for layer in lora_layers(model).values():
                     mean_delta = sum(layer.get_delta_weight(f"task_{t}") for t in range(3)) / 3
                     torch.testing.assert_close(layer.get_delta_weight("merged"), mean_delta, atol=1e-6, rtol=1e-5)
             merged_logits = model(input_ids=ids).logits
@@ -202,7 +199,7 @@ def test_per_task_ensemble_scores_every_task_with_every_learnt_adapter(tmp_path,
     original = evaluation.choice_loglikelihoods
 
     def spy(model, requests, *args, **kwargs):
-        first_lora = next(iter(lora_layers_of(model).values()))
+        first_lora = next(iter(lora_layers(model).values()))
         calls.append(None if first_lora.disable_adapters else model.active_adapter)
         return original(model, requests, *args, **kwargs)
 
@@ -214,7 +211,7 @@ def test_per_task_ensemble_scores_every_task_with_every_learnt_adapter(tmp_path,
 
 
 def test_inflora_designs_each_a_orthogonal_to_the_stored_basis(tiny_model_and_tokenizer):
-    from cl_runner.methods.inflora import adapter_name, input_covariances, lora_layers
+    from cl_runner.methods.inflora import adapter_name, input_covariances
 
     base, tokenizer = tiny_model_and_tokenizer
     built = build(compose_config(["method=inflora", "method.threshold_start=0.9"]).method, "method")

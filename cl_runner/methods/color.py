@@ -85,7 +85,7 @@ class CoLoR(ContinualMethod):
     def eval_members(self, model, tasks_learnt: int, task_index: int):
         if tasks_learnt == 0:
             return [model.disable_adapter]
-        return [lambda t=t: self.adapters.using(model, self.adapters.adapter_name(t)) for t in range(tasks_learnt)]
+        return self.adapters.adapter_members(model, tasks_learnt)
 
     def route_examples(self, model, tasks_learnt: int, task_index: int | None, prompt_batches):
         if tasks_learnt == 0:

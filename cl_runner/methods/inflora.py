@@ -26,17 +26,13 @@ from peft import LoraConfig, get_peft_model
 
 from cl_runner.errors import UserError
 from cl_runner.methods.base import ContinualMethod
-from cl_runner.peft_utils import load_adapter, save_adapter
+from cl_runner.peft_utils import load_adapter, lora_layers, save_adapter
 
 BASIS_FILE = "inflora_basis.safetensors"
 
 
 def adapter_name(task_index: int) -> str:
     return f"task_{task_index}"
-
-
-def lora_layers(model) -> dict[str, torch.nn.Module]:
-    return {name: module for name, module in model.named_modules() if hasattr(module, "lora_A") and hasattr(module, "get_base_layer")}
 
 
 @torch.no_grad()

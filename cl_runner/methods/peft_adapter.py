@@ -108,6 +108,10 @@ class PeftAdapter(ContinualMethod):
     def eval_members(self, model, tasks_learnt: int, task_index: int):
         if self.inference != "ensemble" or tasks_learnt == 0:
             return super().eval_members(model, tasks_learnt, task_index)
+        return self.adapter_members(model, tasks_learnt)
+
+    def adapter_members(self, model, tasks_learnt: int):
+        """One member per learnt task adapter (an ensemble, or the candidates a router picks from)."""
         return [lambda t=t: self.using(model, self.adapter_name(t)) for t in range(tasks_learnt)]
 
     def merge_weights(self, count: int) -> list[float]:
