@@ -4,6 +4,7 @@
 
 Each row is read from <run dir>/results.json; the command column is rebuilt from the run's
 Hydra overrides (<run dir>/.hydra/overrides.yaml), less those that cannot change results.
+Several seeds of one command: ``cl-runner-report`` (mean ± std).
 """
 
 from __future__ import annotations
@@ -12,19 +13,14 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
-from cl_runner.config import is_resume_safe
+from cl_runner.report import read_overrides
 
 COLUMNS = ("acc", "avg_acc", "bwt", "fwt", "forgetting", "new_acc")
 
 
 def command_of(run_dir: Path) -> str:
-    overrides_file = run_dir / ".hydra" / "overrides.yaml"
-    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
     # Overrides that cannot change results (logger, progress bars) share the run directory too.
-    shown = [o for o in overrides if not is_resume_safe(o.split("=", 1)[0].lstrip("+~"))]
-    return " ".join(["cl-runner", *shown])
+    return " ".join(["cl-runner", *(f"{k}={v}" for k, v in read_overrides(run_dir).items())])
 
 
 def fmt(value) -> str:

@@ -10,7 +10,8 @@ from cl_runner.config import build
 from conftest import REPO, compose_config, task_with_inputs
 
 CONF = REPO / "conf"
-GROUPS = ["model", "task_sequence", "method", "replay", "eval", "logger", "experiment"]
+GROUPS = ["model", "task_sequence", "method", "replay", "eval", "logger", "experiment", "recipe"]
+GLOBAL_GROUPS = ("experiment", "recipe")  # # @package _global_: their keys land at the top
 
 
 def options(group: str) -> list[str]:
@@ -35,11 +36,26 @@ def test_every_group_option_composes(group, option):
     # Resolve everything a run resolves, then check the option's own keys landed in the config.
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     own = yaml.safe_load((CONF / group / f"{option}.yaml").read_text())
-    own.pop("defaults", None)
-    target = container if group == "experiment" else container[group]
+    defaults = own.pop("defaults", None) or []
+    own.pop("hydra", None)  # Hydra's own settings are not in the job's config (see the sweep test below)
+    target = container if group in GLOBAL_GROUPS else container[group]
+    for entry in defaults:  # e.g. `override /method: prompt_tuning` must pick that method
+        if isinstance(entry, dict) and len(entry) == 1 and next(iter(entry)).startswith("override /method"):
+            assert container["method"]["name"] == next(iter(entry.values())), f"{group}={option}: method"
     assert_landed(own, target, f"{group}={option}")
     if "name" in own:
         assert own["name"] == option  # run labels match the option users type
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_experiment_sweeps_name_existing_options(experiment):
+    """An experiment's built-in sweep (hydra.sweeper.params) names only options that exist, so the
+    one command that reproduces a README table cannot fail on its 40th job."""
+    params = (yaml.safe_load((CONF / "experiment" / f"{experiment}.yaml").read_text()).get("hydra") or {}).get("sweeper", {}).get("params", {})
+    for key, values in params.items():
+        if key in GROUPS:
+            missing = [v for v in str(values).split(",") if v not in options(key)]
+            assert not missing, f"experiment={experiment} sweeps {key} over missing options {missing}"
 
 
 def test_groups_have_the_documented_defaults():

@@ -338,6 +338,7 @@ def test_color_identifies_each_task_from_its_prototypes_and_routes_to_its_adapte
         built.before_task(model, t, task)
         tasks.append(task)
     assert built.prototypes.shape == (4, 64) and built.prototype_tasks.tolist() == [0, 0, 1, 1]
+    assert built.current_task == 1  # the contrastive term's positive is the task being learnt
     formatter = PromptFormatter(tokenizer, True, None, 128)
     for t, task in enumerate(tasks):
         prompts = [formatter.encode_prompt(type(e)(e.prompt.replace("number", "no."), e.target)) for e in task.train]  # unseen but similar prompts
@@ -359,6 +360,30 @@ def test_color_reports_task_identification_per_row(tmp_path):
     assert reports[0] is None and set(reports[1]["task_identification"]) == {"0"}
     assert set(reports[2]["task_identification"]) == {"0", "1"}
     assert all(0.0 <= v <= 1.0 for r in reports[1:] for v in r["task_identification"].values())
+
+
+def test_color_contrastive_term_matches_the_hand_computed_infonce():
+    """-log softmax([h.c_t, h.c_0, ..] / T)[0] over answer tokens, times the weight; off for the first task and by default."""
+    import math
+    from types import SimpleNamespace
+
+    built = build(compose_config(["method=color", "method.contrastive_weight=0.5", "method.contrastive_temperature=0.5"]).method, "method")
+    built.prototypes = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0]])  # task 0: two prototypes (mean along x); task 1: along y
+    built.prototype_tasks = torch.tensor([0, 0, 1])
+    hidden = torch.zeros(1, 3, 2)
+    hidden[0, 1] = torch.tensor([0.0, 5.0])  # answer token 1: along y (the current task's direction)
+    hidden[0, 2] = torch.tensor([3.0, 4.0])  # answer token 2: cos 0.6 with x, 0.8 with y
+    batch = {"read_rows": torch.tensor([0, 0]), "read_cols": torch.tensor([1, 2])}
+    outputs = SimpleNamespace(last_hidden_state=hidden)
+    built.current_task = 1
+    token_1 = -math.log(math.exp(1 / 0.5) / (math.exp(1 / 0.5) + math.exp(0 / 0.5)))
+    token_2 = -math.log(math.exp(0.8 / 0.5) / (math.exp(0.8 / 0.5) + math.exp(0.6 / 0.5)))
+    assert built.extra_loss(None, batch, outputs).item() == pytest.approx(0.5 * (token_1 + token_2) / 2, rel=1e-6)
+    built.current_task = 0
+    assert built.extra_loss(None, batch, outputs) is None
+    default = build(compose_config(["method=color"]).method, "method")
+    default.current_task = 1
+    assert default.extra_loss(None, batch, outputs) is None
 
 
 def test_routed_examples_are_answered_by_their_member_only(tiny_model_and_tokenizer, monkeypatch):

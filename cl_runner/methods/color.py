@@ -8,6 +8,14 @@ prompt is embedded the same way and the nearest prototype (Euclidean, over the p
 the tasks learnt so far) picks the adapter that answers it. The share of each learnt task's
 test examples routed to its own adapter is reported per row (``method_reports`` in
 results.json: ``task_identification``).
+
+Optional contrastive term (the design document's CoLoR, not the paper's; off by default):
+with ``contrastive_weight`` > 0, each answer token's last hidden state h (normalised) is
+pulled towards the current task's representation and pushed from the earlier tasks' (each the
+normalised mean of that task's prototypes): ``-log softmax([h.c_t, h.c_0, .., h.c_{t-1}] / T)[0]``,
+averaged over the micro-batch's answer tokens, times the weight. It shapes only the current
+adapter's features (earlier adapters are frozen), and it counts replayed examples of a
+micro-batch as the current task's.
 """
 
 from __future__ import annotations
@@ -61,9 +69,16 @@ def prompt_features(model, batches) -> torch.Tensor:
 
 
 class CoLoR(ContinualMethod):
-    def __init__(self, peft: dict, clusters_per_task: int = 5):
+    def __init__(self, peft: dict, clusters_per_task: int = 5, contrastive_weight: float = 0.0, contrastive_temperature: float = 0.1):
         if not isinstance(clusters_per_task, int) or clusters_per_task < 1:
             raise UserError(f"method.clusters_per_task must be a positive integer, got {clusters_per_task!r}")
+        if not isinstance(contrastive_weight, (int, float)) or contrastive_weight < 0:
+            raise UserError(f"method.contrastive_weight must be a number >= 0, got {contrastive_weight!r}")
+        if not isinstance(contrastive_temperature, (int, float)) or contrastive_temperature <= 0:
+            raise UserError(f"method.contrastive_temperature must be a positive number, got {contrastive_temperature!r}")
+        self.contrastive_weight = float(contrastive_weight)
+        self.contrastive_temperature = float(contrastive_temperature)
+        self.current_task = 0
         self.adapters = PeftAdapter(peft, mode="per_task")
         self.clusters_per_task = clusters_per_task
         self.prototypes = torch.empty(0)
@@ -75,12 +90,29 @@ class CoLoR(ContinualMethod):
 
     def before_task(self, model, task_index: int, task) -> None:
         self.adapters.before_task(model, task_index, task)
+        self.current_task = task_index
         centroids = kmeans(prompt_features(model, task.input_batches(prompts_only=True)), self.clusters_per_task, seed=task_index)
         self.prototypes = centroids if not len(self.prototypes) else torch.cat([self.prototypes, centroids])
         self.prototype_tasks = torch.cat([self.prototype_tasks, torch.full((len(centroids),), task_index)])
 
     def trainable_parameters(self, model):
         return self.adapters.trainable_parameters(model)
+
+    def task_representations(self) -> torch.Tensor:
+        """One unit vector per task seen so far: the normalised mean of its prototypes."""
+        count = int(self.prototype_tasks.max()) + 1 if len(self.prototype_tasks) else 0
+        means = torch.stack([self.prototypes[self.prototype_tasks == t].mean(0) for t in range(count)])
+        return torch.nn.functional.normalize(means, dim=-1)
+
+    def extra_loss(self, model, batch, outputs):
+        if not self.contrastive_weight or self.current_task == 0 or outputs.last_hidden_state is None:
+            return None
+        hidden = outputs.last_hidden_state[batch["read_rows"], batch["read_cols"]].float()
+        anchors = torch.nn.functional.normalize(hidden, dim=-1)
+        tasks = self.task_representations().to(anchors.device)
+        order = [self.current_task, *range(self.current_task)]  # the current task first: the positive
+        logits = anchors @ tasks[order].T / self.contrastive_temperature
+        return self.contrastive_weight * -torch.log_softmax(logits, dim=-1)[:, 0].mean()
 
     def eval_members(self, model, tasks_learnt: int, task_index: int):
         if tasks_learnt == 0:

@@ -1,0 +1,69 @@
+"""cl-runner-report: mean ± std over seeds from a sweep folder, and the runs without results listed."""
+
+import json
+import subprocess
+import sys
+
+import yaml
+
+from cl_runner.report import find_runs, markdown_table, mean_std, report
+
+
+def fake_run(root, overrides, acc=None, error=None, seconds=10.0):
+    directory = root / ",".join(overrides)
+    (directory / ".hydra").mkdir(parents=True)
+    (directory / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([*overrides, "logger=none", "trainer.num_threads=1"]))
+    (directory / "state.json").write_text("{}")
+    if acc is not None:
+        metrics = {"acc": acc, "bwt": -acc / 2, "fwt": 0.0, "forgetting": acc / 2, "new_acc": 1.0, "general_delta": -0.1}
+        resources = {"trainable_parameters": 2_000_000, "bytes_per_task": 8e6, "peak_memory_bytes": 2e9, "seconds_per_task": seconds}
+        (directory / "results.json").write_text(json.dumps({"metrics": metrics, "resources": resources}))
+    if error is not None:
+        (directory / "error.txt").write_text(f"Traceback ...\n{error}\n")
+    return directory
+
+
+def test_seeds_form_one_row_with_sample_mean_and_std(tmp_path):
+    fake_run(tmp_path, ["recipe=a", "seed=0"], acc=0.5, seconds=10)
+    fake_run(tmp_path, ["recipe=a", "seed=1"], acc=0.7, seconds=14)
+    fake_run(tmp_path, ["recipe=b", "seed=0"], acc=0.25)
+    table = markdown_table(find_runs([tmp_path]))
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines() if line.startswith("| `")}
+    assert set(rows) == {"`recipe=a`", "`recipe=b`"}  # logger / num_threads cannot change results: not in the name
+    seeds, acc, bwt = rows["`recipe=a`"][:3]
+    assert seeds == "0,1"
+    assert acc == "0.600 ± 0.141"  # mean 0.6, sample std sqrt(((0.1)^2 + (0.1)^2) / 1) = 0.1414
+    assert bwt == "-0.300 ± 0.071"
+    assert rows["`recipe=a`"][-1] == "12 ± 3"  # seconds per task: 10 and 14
+    assert rows["`recipe=a`"][-4:-2] == ["2", "8"]  # sizes (M parameters, MB per task) do not vary with the seed: no ±
+    assert rows["`recipe=b`"][1] == "0.250"  # one seed: no ±
+
+
+def test_runs_without_results_are_listed_with_their_reason(tmp_path):
+    fake_run(tmp_path, ["recipe=a", "seed=0"], acc=0.5)
+    failed = fake_run(tmp_path, ["recipe=a", "seed=1"], error="trainer.lr must be a positive number, got -1")
+    unfinished = fake_run(tmp_path, ["recipe=a", "seed=2"])
+    text = report(find_runs([tmp_path]))
+    assert "2 run(s) without results.json" in text
+    assert f"- {failed}: failed: trainer.lr must be a positive number, got -1" in text
+    assert f"- {unfinished}: unfinished" in text
+
+
+def test_split_gives_one_table_per_value(tmp_path):
+    fake_run(tmp_path, ["recipe=a", "seed=0", "task_sequence=x"], acc=0.5)
+    fake_run(tmp_path, ["recipe=a", "seed=0", "task_sequence=y"], acc=0.9)
+    text = report(find_runs([tmp_path]), split="task_sequence")
+    x, y = text.split("### task_sequence=y")
+    assert "### task_sequence=x" in x and "0.500" in x and "0.900" not in x
+    assert "0.900" in y and "0.500" not in y
+
+
+def test_mean_std_by_hand():
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert mean_std([4.0]) == (4.0, 0.0)
+
+
+def test_cli_refuses_a_missing_folder_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "cl_runner.report", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip() == f"cl-runner-report: error: not a folder: {tmp_path / 'nope'}"
