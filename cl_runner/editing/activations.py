@@ -1,0 +1,92 @@
+"""Token positions of a subject in a prompt, and a module's input and output read at chosen positions.
+
+Editors feed raw text (no chat template): a fact is completed, not answered. The key of a fact
+is read at the subject's last token: the prompt's tokens up to and including the subject are
+tokenised alone and the last of them is the position (as ROME does), so the position is right
+whatever the tokenizer does with the leading space.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SubjectPrompt:
+    """A tokenised prompt and the position of its subject's last token."""
+
+    input_ids: list[int]
+    subject_last: int
+
+
+def encode_subject_prompt(tokenizer, prompt: str, subject: str, context: str = "{}") -> SubjectPrompt:
+    """``context`` with ``prompt`` put at its ``{}``, and ``subject`` at the prompt's ``{}``."""
+    text = context.replace("{}", prompt)
+    cut = text.index("{}")
+    full = text[:cut] + subject + text[cut + 2 :]
+    ids = tokenizer(full)["input_ids"]
+    through_subject = tokenizer(text[:cut] + subject)["input_ids"]
+    return SubjectPrompt(ids, min(len(through_subject), len(ids)) - 1)
+
+
+def target_ids(tokenizer, target: str) -> list[int]:
+    """The target's tokens as they follow a prompt: with a leading space, without special tokens."""
+    return tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]
+
+
+def right_padded(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, : len(sequence)] = 1
+    return ids.to(device), mask.to(device)
+
+
+@contextlib.contextmanager
+def reading(module: torch.nn.Module) -> Iterator[dict]:
+    """While open, ``seen["input"]`` / ``seen["output"]`` hold the module's last input and output."""
+    seen: dict = {}
+
+    def hook(_module, args, output):
+        seen["input"] = args[0]
+        seen["output"] = output
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def adding_at(module: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor, vector: torch.Tensor) -> Iterator[None]:
+    """While open, ``vector`` is added to the module's output at each ``(rows[n], cols[n])``."""
+
+    def hook(_module, _args, output):
+        output = output.clone()
+        output[rows, cols] = output[rows, cols] + vector.to(output.dtype)
+        return output
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def io_at(model, module: torch.nn.Module, prompts: Sequence[SubjectPrompt], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The module's input and output (float32) at each prompt's subject-last position: ``(n, in)``, ``(n, out)``."""
+    device = next(model.parameters()).device
+    ids, mask = right_padded([p.input_ids for p in prompts], pad_id, device)
+    rows = torch.arange(len(prompts), device=device)
+    cols = torch.tensor([p.subject_last for p in prompts], device=device)
+    with reading(module) as seen:
+        model(input_ids=ids, attention_mask=mask)
+    return seen["input"][rows, cols].float(), seen["output"][rows, cols].float()

@@ -1,0 +1,217 @@
+"""Knowledge editing: request schemas, ROME's update on the tiny model, the covariance cache, exact rollback."""
+
+import copy
+import json
+import logging
+
+import pytest
+import torch
+
+from cl_runner.editing import covariance
+from cl_runner.editing.activations import encode_subject_prompt, io_at, target_ids
+from cl_runner.editing.history import EditHistory
+from cl_runner.editing.layout import ModuleTemplates, outer_update
+from cl_runner.editing.requests import EditRequest, parse_requests
+from cl_runner.editing.rome import RomeSettings, rome_update, update_direction
+from cl_runner.errors import UserError
+
+REQUEST = EditRequest("0", "The capital of {} is", "France", "Rome", "Paris", ("France's capital is",), (("The capital of Spain is", "Paris"),))
+
+
+def test_counterfact_and_zsre_records_become_the_same_request():
+    counterfact = {"case_id": 7, "requested_rewrite": {"prompt": "The capital of {} is", "subject": "France", "target_new": {"str": "Rome"}, "target_true": {"str": "Paris"}},
+                   "paraphrase_prompts": ["France's capital is"], "neighborhood_prompts": ["The capital of Spain is"], "generation_prompts": ["France is"]}
+    zsre = {"src": "What is the capital of France?", "subject": "France", "alt": "Rome", "answers": ["Paris"], "rephrase": "France's capital is which city?",
+            "loc": "nq question: who wrote hamlet", "loc_ans": "Shakespeare"}
+    [cf] = parse_requests([counterfact], "counterfact", "facts.json")
+    [zs] = parse_requests([zsre], "zsre", "zsre.json")
+    assert (cf.case_id, cf.rewrite_prompt, cf.target_new, cf.target_true) == ("7", "The capital of France is", "Rome", "Paris")
+    assert cf.neighborhood == (("The capital of Spain is", "Paris"),) and cf.generation_prompts == ("France is",)
+    assert (zs.prompt, zs.rewrite_prompt, zs.target_new, zs.target_true) == ("What is the capital of {}?", "What is the capital of France?", "Rome", "Paris")
+    assert zs.paraphrase_prompts == ("France's capital is which city?",) and zs.neighborhood == (("nq question: who wrote hamlet", "Shakespeare"),)
+
+
+@pytest.mark.parametrize("record,schema,message", [
+    ({"requested_rewrite": {"prompt": "The capital of France is", "subject": "France", "target_new": {"str": "Rome"}}}, "counterfact", "must hold '{}'"),
+    ({"requested_rewrite": {"prompt": "{} is", "subject": "France", "target_new": {"str": ""}}}, "counterfact", "target_new' must be a non-empty string"),
+    ({"requested_rewrite": {"prompt": "{} is", "subject": "France", "target_new": "Rome"}, "neighborhood_prompts": ["x"]}, "counterfact", "need requested_rewrite.target_true"),
+    ({"src": "What is it?", "subject": "France", "alt": "Rome"}, "zsre", "does not occur in src"),
+    ({"src": "What is France?", "subject": "France"}, "zsre", "missing 'alt'"),
+    ({}, "wikidata", "edit schema must be one of"),
+])
+def test_bad_edit_records_are_one_clear_error(record, schema, message):
+    with pytest.raises(UserError, match=message):
+        parse_requests([record], schema, "facts.json")
+
+
+def test_subject_last_token_position(tiny_model_and_tokenizer):
+    _, tokenizer = tiny_model_and_tokenizer
+    prompt = encode_subject_prompt(tokenizer, "The capital of {} is", "United Kingdom", context="Some text. {}")
+    through_subject = tokenizer("Some text. The capital of United Kingdom")["input_ids"]
+    assert prompt.subject_last == len(through_subject) - 1
+    assert tokenizer.decode(prompt.input_ids[prompt.subject_last]).strip() == "Kingdom"
+    assert prompt.input_ids == tokenizer("Some text. The capital of United Kingdom is")["input_ids"]
+
+
+def test_outer_update_follows_the_modules_weight_layout():
+    from transformers.pytorch_utils import Conv1D
+
+    keys, values = torch.randn(6, 1), torch.randn(4, 1)
+    linear, conv = torch.nn.Linear(6, 4, bias=False), Conv1D(4, 6)  # Conv1D(nf=out, nx=in) stores (in, out)
+    for module in (linear, conv):
+        with torch.no_grad():
+            module.weight.add_(outer_update(module, keys, values))
+    x = keys.T
+    torch.testing.assert_close(linear(x) - x @ (linear.weight - values @ keys.T).T, (values * (keys.T @ keys)).T)
+    assert outer_update(conv, keys, values).shape == (6, 4)
+
+
+def test_update_direction_is_c_inverse_k_normalised():
+    c = torch.tensor([[2.0, 0.0], [0.0, 0.5]])
+    u = update_direction(torch.tensor([1.0, 1.0]), c)
+    want = torch.tensor([0.5, 2.0]) / torch.tensor([0.5, 2.0]).norm()
+    torch.testing.assert_close(u, want)
+    torch.testing.assert_close(update_direction(torch.tensor([3.0, 4.0]), None), torch.tensor([0.6, 0.8]))
+
+
+def greedy_next(model, tokenizer, prompt: str) -> int:
+    with torch.no_grad():
+        return int(model(torch.tensor([tokenizer(prompt)["input_ids"]])).logits[0, -1].argmax())
+
+
+def apply(model, deltas):
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            model.get_parameter(name).add_(delta)
+
+
+def test_rome_update_is_rank_one_lowers_the_nll_and_rolls_back_exactly(tiny_model_and_tokenizer):
+    """The tiny random model is too weak for an edit to flip its answer (see the SmolLM2 test; its
+    attention barely carries a change from an earlier position, so here the subject ends the
+    prompt), but the update's shape, the value fit and the exact rollback are checked."""
+    base, tokenizer = tiny_model_and_tokenizer
+    model = copy.deepcopy(base).eval()
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.lm_head.weight.requires_grad_(False)  # (tied to the embeddings) a flag the edit must leave as it found it
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    request = EditRequest("1", "We flew to the capital, {}", "Paris", "Rome", "Paris")  # the subject ends the prompt: see above
+    keys = torch.randn(500, 128, generator=torch.Generator().manual_seed(0))
+    deltas, fit = rome_update(model, tokenizer, request, ["{}", "Hello there. {}"], RomeSettings(layer=0), keys.T @ keys / len(keys))
+    assert list(deltas) == ["model.layers.0.mlp.down_proj.weight"]
+    assert torch.linalg.matrix_rank(deltas["model.layers.0.mlp.down_proj.weight"]) == 1  # a rank-one update
+    assert fit.final_nll < fit.initial_nll
+    assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())  # computed, not yet applied
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    history = EditHistory()
+    before = history.snapshot(model, list(deltas))
+    apply(model, deltas)
+    history.record("france", model, before)
+    # ROME's defining property: the edited weight maps the bare prompt's key exactly to v*.
+    bare = encode_subject_prompt(tokenizer, request.prompt, request.subject)
+    _, value = io_at(model, ModuleTemplates().mlp_out_module(model, 0), [bare], tokenizer.pad_token_id)
+    torch.testing.assert_close(value[0], fit.value, rtol=1e-4, atol=1e-5)
+    assert history.rollback("france", model) is True
+    assert max((p - original[n]).abs().max().item() for n, p in model.named_parameters()) == 0
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from cl_runner.models import load_model
+    from conftest import compose_config
+
+    return load_model(compose_config([]).model)
+
+
+def test_one_rome_edit_flips_smollm2s_completion_and_rollback_restores_it_exactly(smollm2):
+    """SmolLM2-135M completes "The capital of France is" with " Paris"; one ROME edit at layer 2
+    (no covariance here, to stay fast) makes it " Rome", and rolling the edit back restores
+    every weight bit for bit."""
+    model, tokenizer = smollm2
+    model.eval()
+    weight_name = "model.layers.2.mlp.down_proj.weight"
+    original = model.get_parameter(weight_name).detach().clone()
+    paris, rome = target_ids(tokenizer, "Paris")[0], target_ids(tokenizer, "Rome")[0]
+    assert greedy_next(model, tokenizer, REQUEST.rewrite_prompt) == paris
+    templates = ["{}", "The weather was fine. {}", "I read this in a book. {}"]
+    deltas, fit = rome_update(model, tokenizer, REQUEST, templates, RomeSettings(layer=2, mom2_adjustment=False), None)
+    history = EditHistory()
+    before = history.snapshot(model, list(deltas))
+    apply(model, deltas)
+    history.record("france", model, before)
+    try:
+        assert greedy_next(model, tokenizer, REQUEST.rewrite_prompt) == rome
+        assert greedy_next(model, tokenizer, "The capital of Germany is") == target_ids(tokenizer, "Berlin")[0]  # a neighbour kept
+    finally:
+        assert history.rollback("france", model) is True
+    assert (model.get_parameter(weight_name) - original).abs().max().item() == 0
+    assert greedy_next(model, tokenizer, REQUEST.rewrite_prompt) == paris
+
+
+def test_rollback_of_an_earlier_task_subtracts_its_delta_and_says_it_is_not_exact(tmp_path, caplog):
+    weight = torch.nn.Linear(8, 8, bias=False)
+    model = torch.nn.Sequential(weight)
+    start = weight.weight.detach().clone()
+    history = EditHistory()
+    for task, scale in (("a", 1.0), ("b", 0.5)):
+        before = history.snapshot(model, ["0.weight"])
+        with torch.no_grad():
+            weight.weight.add_(scale * torch.randn(8, 8, generator=torch.Generator().manual_seed(len(task) + int(scale * 10))))
+        history.record(task, model, before)
+    history.save(tmp_path, "a")
+    reloaded = EditHistory()
+    reloaded.load(tmp_path)
+    after_b = weight.weight.detach().clone()
+    with caplog.at_level(logging.WARNING):
+        assert reloaded.rollback("a", model) is False
+    assert "changed by a later task" in caplog.text
+    torch.testing.assert_close(weight.weight, after_b - history.changes["a"].get("0.weight").delta)
+    assert not torch.equal(weight.weight, start)
+
+
+def test_covariance_cache_is_reused_on_the_second_run(tiny_model_and_tokenizer, tmp_path, monkeypatch):
+    model, tokenizer = tiny_model_and_tokenizer
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Line {i} of a small corpus about rivers, towns and {i * 7} numbers." for i in range(60)))
+    settings = covariance.settings_from({"corpus": "files", "paths": [str(corpus)], "tokens": 300})
+    module = ModuleTemplates().mlp_out_module(model, 0)
+    first = covariance.second_moment(model, tokenizer, module, "model.layers.0.mlp.down_proj", settings, tmp_path / "cache")
+    assert first.shape == (128, 128) and torch.allclose(first, first.T)
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+    def no_second_estimate(*args, **kwargs):
+        raise AssertionError("estimated again instead of read from the cache")
+
+    monkeypatch.setattr(covariance, "estimate_second_moment", no_second_estimate)
+    again = covariance.second_moment(model, tokenizer, module, "model.layers.0.mlp.down_proj", settings, tmp_path / "cache")
+    assert torch.equal(first, again)
+    corpus.write_text("Different text now.\n" * 40)  # another corpus: another cache entry, so estimated again
+    with pytest.raises(AssertionError, match="estimated again"):
+        covariance.second_moment(model, tokenizer, module, "model.layers.0.mlp.down_proj", covariance.settings_from({"corpus": "files", "paths": [str(corpus)], "tokens": 300}), tmp_path / "cache")
+
+
+def test_second_moment_by_hand(tiny_model_and_tokenizer):
+    """E[k k^T] over exactly the non-padding tokens, stopping at the token budget."""
+    model, tokenizer = tiny_model_and_tokenizer
+    module = ModuleTemplates().mlp_out_module(model, 0)
+    sequences = [tokenizer("a short one")["input_ids"], tokenizer("and a somewhat longer second text here")["input_ids"]]
+    moment, count = covariance.estimate_second_moment(model, module, iter(sequences), tokenizer.pad_token_id, tokens=10_000, batch_size=2)
+    keys = []
+    for sequence in sequences:  # one at a time: no padding at all
+        from cl_runner.editing.activations import reading
+
+        with reading(module) as seen, torch.no_grad():
+            model(input_ids=torch.tensor([sequence]))
+        keys.append(seen["input"][0].double())
+    keys = torch.cat(keys)
+    assert count == len(keys) == sum(map(len, sequences))
+    torch.testing.assert_close(moment, (keys.T @ keys / len(keys)).float(), rtol=1e-4, atol=1e-6)
+
+
+def test_bad_covariance_settings_are_one_line(tmp_path):
+    with pytest.raises(UserError, match="unknown key"):
+        covariance.settings_from({"corpuss": "files"})
+    with pytest.raises(UserError, match="needs existing method.covariance.paths"):
+        covariance.settings_from({"corpus": "files", "paths": [str(tmp_path / "missing.txt")]})
+    with pytest.raises(UserError, match="generated, files or hub"):
+        covariance.settings_from({"corpus": "wiki"})
+    json.dumps(covariance.settings_from({}).describe())  # the cache key material is plain JSON
