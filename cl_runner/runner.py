@@ -136,7 +136,8 @@ class Experiment:
 
     def _encode(self, task: Task) -> list:
         if task.name not in self._encoded:
-            self._encoded[task.name] = [self.formatter.encode_example(e, task.answer_reserve) for e in task.train]
+            formatter = self.raw_formatter if task.type == "edit" else self.formatter
+            self._encoded[task.name] = [formatter.encode_example(e, task.answer_reserve) for e in task.train]
         return self._encoded[task.name]
 
     def _setup(self) -> None:
@@ -147,6 +148,9 @@ class Experiment:
         # not consume random numbers (a first run builds the cached model, later runs do not).
         seed_everything(self.cfg.seed)
         self.model = self.method.setup(model).to(self.device)
+        self.method.use_tokenizer(tokenizer)
+        # Knowledge edits are completions of raw text ("The capital of France is"), not chat turns.
+        self.raw_formatter = PromptFormatter(tokenizer, False, None, self.cfg.trainer.max_length)
         self.replay.setup(self._encode, self.replay_tasks)
         self.events = EventLog(self.run_dir / "train_log.jsonl", self.logger)
         self.loop = TrainingLoop(self.cfg.trainer, self.device, tokenizer.pad_token_id)
@@ -193,6 +197,9 @@ class Experiment:
             params = list(self.method.trainable_parameters(self.model))
             trained["trainable_parameters"] = parameter_count(params)
             return self.loop.train(self.model, params, examples, self.method, self.replay, seed=self.task_seed(t), task_name=task.name)
+
+        # A method that learns without the training loop (an editor) logs its own steps with this.
+        train.log_step = lambda record: self.events.step(task.name, record)
 
         with PeakMemory(self.device) as peak:  # what the method does around training counts too
             self.method.before_task(self.model, t, task)

@@ -18,6 +18,15 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
+# Methods that write edit tasks into the weights in closed form: no trainable parameters, and
+# they need edit tasks (tests/test_editing_methods.py and the resume test cover them).
+EDIT_METHODS = {"rome"}
+
+
+def trained_methods() -> list[str]:
+    return [m for m in options("method") if m not in EDIT_METHODS]
+
+
 def assert_landed(own: dict, composed: dict, where: str) -> None:
     """Every key the YAML sets is in the composed config with the YAML's value (recursively; interpolations and ??? aside)."""
     for key, value in own.items():
@@ -110,7 +119,16 @@ def check_trains_exactly_its_parameters(method_cfg, tiny_model_and_tokenizer, tm
     return model
 
 
-@pytest.mark.parametrize("method", options("method"))
+@pytest.mark.parametrize("method", sorted(EDIT_METHODS))
+def test_edit_methods_train_no_parameters(method, tiny_model_and_tokenizer):
+    import copy
+
+    built = build(compose_config([f"method={method}", "method.layer=0"]).method, "method")  # the tiny model has 2 layers
+    model = built.setup(copy.deepcopy(tiny_model_and_tokenizer[0]))
+    assert list(built.trainable_parameters(model)) == [] and not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", trained_methods())
 def test_every_method_trains_exactly_its_parameters_and_checkpoints_them(method, tiny_model_and_tokenizer, tmp_path):
     check_trains_exactly_its_parameters(compose_config([f"method={method}"]).method, tiny_model_and_tokenizer, tmp_path)
 

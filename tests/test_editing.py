@@ -1,6 +1,7 @@
 """Knowledge editing: request schemas, ROME's update on the tiny model, the covariance cache, exact rollback."""
 
 import copy
+import math
 import json
 import logging
 
@@ -212,6 +213,42 @@ def test_bad_covariance_settings_are_one_line(tmp_path):
         covariance.settings_from({"corpuss": "files"})
     with pytest.raises(UserError, match="needs existing method.covariance.paths"):
         covariance.settings_from({"corpus": "files", "paths": [str(tmp_path / "missing.txt")]})
-    with pytest.raises(UserError, match="generated, files or hub"):
+    with pytest.raises(UserError, match="one of builtin, generated, files, hub"):
         covariance.settings_from({"corpus": "wiki"})
     json.dumps(covariance.settings_from({}).describe())  # the cache key material is plain JSON
+
+
+def test_counterfact_scores_by_hand(monkeypatch):
+    """Success and magnitude from given NLLs: efficacy/paraphrase want new < true, neighbourhood true < new."""
+    from cl_runner.editing import metrics
+
+    nlls = {("The capital of France is", "Rome"): 0.5, ("The capital of France is", "Paris"): 2.0,
+            ("France's capital is", "Rome"): 3.0, ("France's capital is", "Paris"): 1.0,
+            ("The capital of Spain is", "Rome"): 4.0, ("The capital of Spain is", "Paris"): 1.5}
+
+    def fake_teacher_forced(model, tokenizer, prompts, targets, batch_size=16):
+        return [(nlls[(p, t)], [1, 2]) for p, t in zip(prompts, targets)]
+
+    class Tokenizer:
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [1, 3] if "Rome" in text else [5]}
+
+    monkeypatch.setattr(metrics, "teacher_forced", fake_teacher_forced)
+    [scores] = metrics.counterfact_scores(None, Tokenizer(), [REQUEST])
+    assert scores["efficacy"] == 1.0 and scores["paraphrase"] == 0.0 and scores["neighborhood"] == 1.0
+    assert scores["efficacy_magnitude"] == pytest.approx(math.exp(-0.5) - math.exp(-2.0))
+    assert scores["paraphrase_magnitude"] == pytest.approx(math.exp(-3.0) - math.exp(-1.0))
+    assert scores["neighborhood_magnitude"] == pytest.approx(math.exp(-1.5) - math.exp(-4.0))
+    assert scores["rewrite_acc"] == 0.5  # argmax [1, 2] against Rome's tokens [1, 3]
+    total = metrics.aggregate([scores, {**scores, "paraphrase": 1.0}])
+    assert total["paraphrase"] == 0.5
+    assert total["score"] == pytest.approx(3 / (1 / 1.0 + 1 / 0.5 + 1 / 1.0))
+
+
+def test_fluency_is_romes_weighted_ngram_entropy():
+    from cl_runner.editing.metrics import fluency, ngram_entropy
+
+    assert ngram_entropy("a b a b", 2) == pytest.approx(-(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3)))  # ab, ba, ab
+    assert ngram_entropy("a a a a", 3) == 0.0
+    text = "one two three four"
+    assert fluency([text]) == pytest.approx((2 / 3 * math.log2(3) + 4 / 3 * math.log2(2)) / 2)

@@ -8,14 +8,23 @@ import sys
 import pytest
 
 from conftest import QUIET, REPO
-from test_configs import options
+from test_configs import EDIT_METHODS, options
 
 # Six optimizer steps per task; the kill lands after the third task's second logged step.
 SHORT = ["experiment=smoke", *QUIET, "logger=none", "trainer.max_steps=6", "task_sequence.tasks=[second_word,third_word,last_word]"]
 
 
+# Editors learn edit tasks: six built-in edits in three tasks of two (cf_1, cf_2, cf_3).
+EDITS = ["experiment=smoke", *QUIET, "logger=none", "task_sequence.train_size=6", "task_sequence.probe_size=4",
+         "task_sequence.tasks=[{include: counterfact_batches, name: cf, edit_batch_size: 2}]", "method.v_num_grad_steps=5", "method.layer=0"]
+
+
 def cli(run_dir, method):
-    return [*SHORT, f"method={method}", f"hydra.run.dir={run_dir}"]
+    return [*(EDITS if method in EDIT_METHODS else SHORT), f"method={method}", f"hydra.run.dir={run_dir}"]
+
+
+def kill_point(method):
+    return "cf_03:2" if method in EDIT_METHODS else "last_word:2"
 
 
 def run(args, cwd, **env):
@@ -26,7 +35,7 @@ def run(args, cwd, **env):
 @pytest.mark.parametrize("method", options("method"))
 def test_kill_mid_task_then_resume_matches_uninterrupted(method, tmp_path):
     killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
-    killed = run(cli(killed_dir, method), tmp_path, CL_RUNNER_TEST_AT="last_word:2", CL_RUNNER_TEST_DO="kill")
+    killed = run(cli(killed_dir, method), tmp_path, CL_RUNNER_TEST_AT=kill_point(method), CL_RUNNER_TEST_DO="kill")
     assert killed.returncode == -9, killed.stderr[-3000:]
 
     state = json.loads((killed_dir / "state.json").read_text())

@@ -7,7 +7,10 @@ few tens of thousands of tokens already give a full-rank estimate, so the corpus
 count are settings (``method.covariance``), the estimate shows a progress bar, and the result
 is cached per (model weights, module, corpus, token count):
 
-- ``corpus: generated`` (default, offline): texts sampled from the model itself (seeded);
+- ``corpus: builtin`` (default, offline): 320 texts of 128 tokens sampled once from SmolLM2-135M
+  and shipped (``cl_runner/editing/data/generated_corpus.jsonl``, made by
+  ``scripts/make_edit_corpus.py``): plain English any model can read;
+- ``corpus: generated``: texts sampled from the edited model itself (seeded; slow on a CPU);
 - ``corpus: files`` with ``paths: [...]``: local text files, one text per non-empty line
   (``.jsonl``: the ``text`` field of each line);
 - ``corpus: hub`` with ``dataset``, ``config``, ``split``, ``text_field``: a hub dataset, when reachable.
@@ -32,14 +35,16 @@ from cl_runner.errors import UserError
 
 log = logging.getLogger(__name__)
 
+BUILTIN_CORPUS = Path(__file__).parent / "data" / "generated_corpus.jsonl"
+CORPORA = ("builtin", "generated", "files", "hub")
 GENERATION_STARTS = ("The", "In", "A", "It", "When", "This", "He", "She", "We", "There", "According to", "Scientists",
                      "The history of", "Today", "One of the", "My", "After the", "Many people", "The city of", "Water")
 
 
 @dataclass(frozen=True)
 class CovarianceSettings:
-    corpus: str = "generated"  # generated | files | hub
-    tokens: int = 40_000  # tokens (non-padding) the estimate averages over
+    corpus: str = "builtin"  # builtin | generated | files | hub
+    tokens: int = 32_000  # tokens (non-padding) the estimate averages over (the builtin corpus holds about 40k)
     text_tokens: int = 128  # tokens per text (generated texts' length; longer texts are cut)
     batch_size: int = 16
     paths: tuple[str, ...] = ()
@@ -50,11 +55,14 @@ class CovarianceSettings:
     seed: int = 0
     ridge: float = 0.0  # added to C's diagonal (relative to its mean diagonal) before it is inverted
 
+    def corpus_files(self) -> tuple[str, ...]:
+        return (str(BUILTIN_CORPUS),) if self.corpus == "builtin" else self.paths
+
     def describe(self) -> dict:
         """What identifies the corpus in the cache key (a file's content, not just its name)."""
         described = {"corpus": self.corpus, "tokens": self.tokens, "text_tokens": self.text_tokens, "seed": self.seed}
-        if self.corpus == "files":
-            described["files"] = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in self.paths]
+        if self.corpus in ("files", "builtin"):
+            described["files"] = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in self.corpus_files()]
         if self.corpus == "hub":
             described.update(dataset=self.dataset, config=self.config, split=self.split, text_field=self.text_field)
         return described
@@ -69,8 +77,8 @@ def settings_from(block: dict | None) -> CovarianceSettings:
     if "paths" in block:
         block["paths"] = tuple(block["paths"] or ())
     settings = CovarianceSettings(**block)
-    if settings.corpus not in ("generated", "files", "hub"):
-        raise UserError(f"method.covariance.corpus must be generated, files or hub, got {settings.corpus!r}")
+    if settings.corpus not in CORPORA:
+        raise UserError(f"method.covariance.corpus must be one of {', '.join(CORPORA)}, got {settings.corpus!r}")
     if not isinstance(settings.tokens, int) or settings.tokens < 1:
         raise UserError(f"method.covariance.tokens must be a positive integer, got {settings.tokens!r}")
     if settings.corpus == "files":
@@ -116,7 +124,7 @@ def generated_texts(model, tokenizer, settings: CovarianceSettings) -> Iterable[
 
 
 def file_texts(tokenizer, settings: CovarianceSettings) -> Iterable[list[int]]:
-    for path in settings.paths:
+    for path in settings.corpus_files():
         for line in Path(path).read_text(encoding="utf-8").splitlines():
             text = json.loads(line).get("text", "") if path.endswith(".jsonl") and line.strip() else line
             if text.strip():
@@ -141,7 +149,7 @@ def hub_texts(tokenizer, settings: CovarianceSettings) -> Iterable[list[int]]:
 def corpus_texts(model, tokenizer, settings: CovarianceSettings) -> Iterable[list[int]]:
     if settings.corpus == "generated":
         return generated_texts(model, tokenizer, settings)
-    if settings.corpus == "files":
+    if settings.corpus in ("files", "builtin"):
         return file_texts(tokenizer, settings)
     return hub_texts(tokenizer, settings)
 

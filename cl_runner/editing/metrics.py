@@ -80,3 +80,68 @@ def fluency(texts: Sequence[str]) -> float | None:
     if not texts:
         return None
     return sum((2 / 3 * ngram_entropy(t, 2) + 4 / 3 * ngram_entropy(t, 3)) / 2 for t in texts) / len(texts)
+
+
+def counterfact_scores(model, tokenizer, requests, batch_size: int = 16) -> list[dict[str, float | None]]:
+    """Per request: efficacy, paraphrase and neighbourhood success and magnitude, and the
+    EasyEdit token accuracies of target_new on the rewrite prompt and the paraphrases."""
+    prompts, targets, owners = [], [], []
+    for index, request in enumerate(requests):
+        # (prompt, the answer it should keep): the neighbours keep their own (CounterFact: target_true)
+        kinds = (("rewrite", [(request.rewrite_prompt, request.target_true)]), ("paraphrase", [(p, request.target_true) for p in request.paraphrase_prompts]),
+                 ("neighborhood", list(request.neighborhood)))
+        for kind, pairs in kinds:
+            for prompt, kept in pairs:
+                for which, target in (("new", request.target_new), ("true", kept)):
+                    if target is None:
+                        continue
+                    prompts.append(prompt)
+                    targets.append(target)
+                    owners.append((index, kind, which))
+    scored = teacher_forced(model, tokenizer, prompts, targets, batch_size) if prompts else []
+    per_request: list[dict[str, list]] = [{} for _ in requests]
+    for (index, kind, which), (nll, argmax), target in zip(owners, scored, targets):
+        per_request[index].setdefault(f"{kind}_{which}", []).append((nll, argmax, target_ids(tokenizer, target)))
+    return [_request_scores(parts) for parts in per_request]
+
+
+def _request_scores(parts: dict[str, list]) -> dict[str, float | None]:
+    scores: dict[str, float | None] = {}
+    for kind, name in (("rewrite", "efficacy"), ("paraphrase", "paraphrase"), ("neighborhood", "neighborhood")):
+        new, true = parts.get(f"{kind}_new", []), parts.get(f"{kind}_true", [])
+        if not new or not true:  # no true target, or no prompts of this kind
+            scores[name] = scores[f"{name}_magnitude"] = None
+            continue
+        keep_true = kind == "neighborhood"
+        pairs = list(zip((n for n, _, _ in new), (t for t, _, _ in true)))
+        scores[name] = mean([prefers(t, n) if keep_true else prefers(n, t) for n, t in pairs])
+        gaps = [math.exp(-t) - math.exp(-n) for n, t in pairs]
+        scores[f"{name}_magnitude"] = mean([g if keep_true else -g for g in gaps])
+    for kind, name in (("rewrite", "rewrite_acc"), ("paraphrase", "rephrase_acc")):
+        new = parts.get(f"{kind}_new", [])
+        scores[name] = mean([token_accuracy(argmax, wanted) for _, argmax, wanted in new]) if new else None
+    return scores
+
+
+def aggregate(per_request: Sequence[dict[str, float | None]]) -> dict[str, float | None]:
+    """Means over requests (each metric over the requests that have it) and CounterFact's score."""
+    keys = per_request[0].keys() if per_request else ()
+    totals = {k: mean([r[k] for r in per_request if r[k] is not None]) for k in keys}
+    parts = [totals.get(k) for k in ("efficacy", "paraphrase", "neighborhood")]
+    totals["score"] = harmonic_mean(parts) if all(p is not None for p in parts) else None
+    return totals
+
+
+def edit_task_scores(model, tokenizer, requests, members, batch_size: int = 16) -> dict[str, float]:
+    """An edit task's scores on one row of the matrix: :func:`aggregate` over its requests
+    (CounterFact's score as ``edit_score``), under each member's weights, averaged over members."""
+    per_member = []
+    for member in members:
+        with member():
+            per_member.append(aggregate(counterfact_scores(model, tokenizer, requests, batch_size)))
+    scores = {}
+    for key in per_member[0]:
+        values = [m[key] for m in per_member if m[key] is not None]
+        if values:
+            scores["edit_score" if key == "score" else key] = sum(values) / len(values)
+    return scores

@@ -38,6 +38,10 @@ def evaluate_task(model, formatter: PromptFormatter, task: Task, batch_size: int
     ``router`` (given the test prompts as padded batches) may instead send each example to one
     member (``routes[i]``), which alone answers it.
     """
+    if task.type == "edit":  # knowledge edits: CounterFact's and EasyEdit's scores (cl_runner/editing/metrics.py)
+        from cl_runner.editing.metrics import edit_task_scores
+
+        return edit_task_scores(model, formatter.tokenizer, task.requests, members, batch_size)
     was_training = model.training
     model.eval()
     try:

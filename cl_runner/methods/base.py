@@ -26,6 +26,9 @@ class ContinualMethod:
         """Wrap or modify the freshly loaded model; return the model to train and evaluate."""
         return model
 
+    def use_tokenizer(self, tokenizer) -> None:
+        """Called once after ``setup`` with the model's tokenizer (editors encode facts themselves)."""
+
     def before_task(self, model: torch.nn.Module, task_index: int, task: Task) -> None:
         """Called before training task ``task_index`` (0-based); ``task.train`` holds its data."""
 

@@ -9,6 +9,7 @@ raises :class:`UserError` naming the task, the file and the line.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -26,6 +27,9 @@ from cl_runner.tasks.sources import load_split
 
 BUILTIN_TASK_DIR = Path(__file__).parent / "builtin"
 METRICS = ("acc", "acc_norm", "exact_match", "contains", "rouge_l")
+# Knowledge-edit tasks (type: edit) put one of CounterFact's scores into the accuracy matrix.
+EDIT_METRICS = ("efficacy", "paraphrase", "neighborhood", "edit_score")
+TASK_TYPES = ("qa", "edit")
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,14 @@ class Task:
     test_size: float | int | None = None
     split_seed: int = 0
     test_equals_train: bool = False
+    # type: edit reads knowledge-edit requests (edit_schema: counterfact | zsre) from the test
+    # split; the first train_size of them form the task (or, with edit_batch_size, consecutive
+    # tasks of that many requests each). An editor writes them into the weights; a trained
+    # method learns rewrite prompt -> target_new (train = test = those pairs, raw text).
+    type: str = "qa"
+    edit_schema: str = "counterfact"
+    edit_batch_size: int | None = None
+    requests: list = field(default_factory=list, repr=False)
     train: list[Example] = field(default_factory=list, repr=False)
     test: list[Example] = field(default_factory=list, repr=False)
     # Set by the runner while the task is learnt: ``input_batches(prompts_only=False)`` gives a
@@ -69,7 +81,7 @@ class Task:
     @property
     def answer_reserve(self) -> int:
         """Tokens a prompt leaves free for a generated answer (0 when choices are scored instead)."""
-        return 0 if self.metric in ("acc", "acc_norm") else int(self.generation_kwargs.get("max_new_tokens", 16))
+        return 0 if self.metric in ("acc", "acc_norm") or self.type == "edit" else int(self.generation_kwargs.get("max_new_tokens", 16))
 
     def fingerprint(self) -> dict[str, str]:
         """A hash of each split's examples as the model sees them: a rerun on other data is caught by comparing these."""
@@ -77,10 +89,14 @@ class Task:
             text = json.dumps([[e.prompt, e.target, e.choices] for e in examples], ensure_ascii=False)
             return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
-        return {"train": digest(self.train), "test": digest(self.test)}
+        prints = {"train": digest(self.train), "test": digest(self.test)}
+        if self.requests:  # an edit's paraphrases and neighbours are scored too
+            text = json.dumps([dataclasses.asdict(r) for r in self.requests], ensure_ascii=False)
+            prints["requests"] = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        return prints
 
 
-_TASK_KEYS = {f.name for f in fields(Task)} - {"train", "test", "input_batches"}
+_TASK_KEYS = {f.name for f in fields(Task)} - {"train", "test", "input_batches", "requests"}
 
 
 def _did_you_mean(key: str, options: set[str]) -> str:
@@ -209,11 +225,19 @@ def load_task(spec: str | dict, task_dirs: list[str] | None = None, size_overrid
     if unknown:
         key = sorted(unknown)[0]
         raise UserError(f"task '{name}': unknown key '{key}'{_did_you_mean(key, _TASK_KEYS)}")
-    missing = {"name", "dataset_path", "doc_to_text", "doc_to_target"} - set(raw)
+    required = {"name", "dataset_path"} | ({"doc_to_text", "doc_to_target"} if raw.get("type", "qa") != "edit" else set())
+    missing = required - set(raw)
     if missing:
         raise UserError(f"task '{name}': missing required key(s) {sorted(missing)}")
     raw.update({k: v for k, v in (size_overrides or {}).items() if v is not None})
+    if raw.get("type") == "edit":
+        raw.setdefault("doc_to_text", "")
+        raw.setdefault("doc_to_target", "")
     task = Task(**raw)
+    if task.type not in TASK_TYPES:
+        raise UserError(f"task '{task.name}': type must be one of {list(TASK_TYPES)}, got {task.type!r}")
+    if task.type == "edit":
+        return _load_edit_task(task)
     if task.metric not in METRICS:
         raise UserError(f"task '{task.name}': unknown metric '{task.metric}'{_did_you_mean(task.metric, set(METRICS))}; use one of {list(METRICS)}")
     if task.metric in ("acc", "acc_norm") and task.doc_to_choice is None:
@@ -232,6 +256,36 @@ def load_task(spec: str | dict, task_dirs: list[str] | None = None, size_overrid
         records = load_split(task, split, limit)
         setattr(task, attr, _render_split(task, split, records))
     return task
+
+
+def _load_edit_task(task: Task) -> Task:
+    from cl_runner.editing.requests import SCHEMAS
+
+    if task.metric not in EDIT_METRICS:
+        raise UserError(f"task '{task.name}': an edit task's metric is one of {list(EDIT_METRICS)}, got '{task.metric}'")
+    if task.edit_schema not in SCHEMAS:
+        raise UserError(f"task '{task.name}': edit_schema must be one of {sorted(SCHEMAS)}, got {task.edit_schema!r}")
+    batch = task.edit_batch_size
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise UserError(f"task '{task.name}': edit_batch_size must be a positive integer or null, got {batch!r}")
+    records = load_split(task, task.test_split, task.train_size)
+    task.requests = [SCHEMAS[task.edit_schema](doc, f"task '{task.name}', {source} line {line}") for source, line, doc in records]
+    task.train = task.test = [Example(r.rewrite_prompt, r.target_new) for r in task.requests]
+    return task
+
+
+def edit_batches(task: Task) -> list[Task]:
+    """An edit task with ``edit_batch_size`` as consecutive tasks ``<name>_01``, ``<name>_02``, ...; others as they are."""
+    if task.type != "edit" or not task.edit_batch_size:
+        return [task]
+    size = task.edit_batch_size
+    chunks = [task.requests[i : i + size] for i in range(0, len(task.requests), size)]
+    width = max(2, len(str(len(chunks))))
+    batches = []
+    for index, chunk in enumerate(chunks):
+        examples = [Example(r.rewrite_prompt, r.target_new) for r in chunk]
+        batches.append(dataclasses.replace(task, name=f"{task.name}_{index + 1:0{width}d}", requests=chunk, train=examples, test=examples, edit_batch_size=None))
+    return batches
 
 
 def _one_file_for_both_splits(task: Task) -> bool:
@@ -277,7 +331,7 @@ def load_task_sequence(cfg: dict) -> tuple[list[Task], Task | None]:
     specs = list(cfg.get("tasks") or [])
     if not specs:
         raise UserError("task_sequence.tasks is empty: list at least one task")
-    tasks = [load_task(spec, task_dirs, sizes) for spec in specs]
+    tasks = [batch for spec in specs for batch in edit_batches(load_task(spec, task_dirs, sizes))]
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise UserError(f"task_sequence has duplicate task names {names}: give each task a distinct name")
