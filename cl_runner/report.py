@@ -99,8 +99,9 @@ def format_cell(values: Sequence[float | None], column: Column) -> str:
 
 
 def _name(overrides: dict[str, str], shared: dict[str, str], group_over: str) -> str:
-    shown = [f"{k}={v}" for k, v in overrides.items() if k != group_over and shared.get(k) != v]
-    return " ".join(shown) or "(defaults)"
+    """The overrides that tell this row from the others (all of them when nothing does: one row)."""
+    own = [f"{k}={v}" for k, v in overrides.items() if k != group_over and shared.get(k) != v]
+    return " ".join(own or [f"{k}={v}" for k, v in overrides.items() if k != group_over]) or "(defaults)"
 
 
 def markdown_table(records: Sequence[RunRecord], columns: Sequence[Column] = COLUMNS, group_over: str = "seed") -> str:

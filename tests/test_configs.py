@@ -20,7 +20,12 @@ def options(group: str) -> list[str]:
 
 # Methods that write edit tasks into the weights in closed form: no trainable parameters, and
 # they need edit tasks (tests/test_editing_methods.py and the resume test cover them).
-EDIT_METHODS = {"rome"}
+EDIT_METHODS = {"rome", "memit", "alphaedit"}
+
+
+def tiny_layers(method: str) -> list[str]:
+    """Overrides that put an editor's layers inside the 2-layer tiny model."""
+    return {"rome": ["method.layer=0"], "memit": ["method.layers=[0]"], "alphaedit": ["method.layers=[0]"]}.get(method, [])
 
 
 def trained_methods() -> list[str]:
@@ -123,7 +128,7 @@ def check_trains_exactly_its_parameters(method_cfg, tiny_model_and_tokenizer, tm
 def test_edit_methods_train_no_parameters(method, tiny_model_and_tokenizer):
     import copy
 
-    built = build(compose_config([f"method={method}", "method.layer=0"]).method, "method")  # the tiny model has 2 layers
+    built = build(compose_config([f"method={method}", *tiny_layers(method)]).method, "method")
     model = built.setup(copy.deepcopy(tiny_model_and_tokenizer[0]))
     assert list(built.trainable_parameters(model)) == [] and not any(p.requires_grad for p in model.parameters())
 

@@ -252,3 +252,39 @@ def test_fluency_is_romes_weighted_ngram_entropy():
     assert ngram_entropy("a a a a", 3) == 0.0
     text = "one two three four"
     assert fluency([text]) == pytest.approx((2 / 3 * math.log2(3) + 4 / 3 * math.log2(2)) / 2)
+
+
+def test_alphaedit_update_is_blind_to_the_preserved_keys_and_its_cache_belongs_to_the_run(tiny_model_and_tokenizer):
+    """AlphaEdit's defining property: dW k = 0 for every key in the span C preserves (its large
+    singular directions). The key cache accumulates K K^T of
+    each batch and starts empty in every new editor (EasyEdit #613)."""
+    from cl_runner.config import build
+    from cl_runner.editing.memit import MemitSettings, memit_update, null_space_projector
+    from conftest import compose_config
+
+    base, tokenizer = tiny_model_and_tokenizer
+    module = ModuleTemplates().mlp_out_module(base, 0)
+    texts = [tokenizer(f"The capital of country number {i} is a city with {i * 3} bridges.")["input_ids"] for i in range(40)]
+    second_moment, _ = covariance.estimate_second_moment(base, module, iter(texts), tokenizer.pad_token_id, tokens=100_000, batch_size=8)
+    u, singular, _ = torch.linalg.svd(second_moment.double())
+    threshold = float(singular[8])  # the 8 largest directions are preserved, the rest is the null space
+    preserved = u[:, :8].float()
+    requests = [REQUEST, EditRequest("1", "The capital of {} is", "Spain", "Oslo", "Madrid")]
+    results = {}
+    for null_space in (False, True):
+        model = copy.deepcopy(base).eval()
+        settings = MemitSettings(layers=(0,), null_space=null_space, nullspace_threshold=threshold, mom2_update_weight=1e-6)  # a negligible C term: MEMIT then moves preserved keys
+        cache = {}
+        projectors = {0: null_space_projector(second_moment, threshold)}
+        deltas, _ = memit_update(model, tokenizer, requests, ["{}"], settings, {0: second_moment}, cache=cache, projectors=projectors)
+        results[null_space] = (deltas["model.layers.0.mlp.down_proj.weight"], cache)
+    alpha, cache = results[True]
+    memit, _ = results[False]
+    assert alpha.abs().max() > 0
+    # MEMIT's update, R (lambda C + K K^T)^-1 K^T, also leans away from C's large directions, but
+    # only AlphaEdit's is orthogonal to them up to float rounding.
+    assert (alpha @ preserved).abs().max() <= 1e-6 * alpha.abs().max()
+    assert (memit @ preserved).abs().max() > 1e-5 * memit.abs().max()
+    assert set(cache) == {0} and torch.linalg.matrix_rank(cache[0].double(), atol=1e-6) == 2  # K K^T of the batch's two keys
+    fresh = build(compose_config(["method=alphaedit"]).method, "method")
+    assert fresh.session.state == {} and fresh._key_cache() == {}

@@ -11,7 +11,7 @@ from cl_runner.config import build
 from cl_runner.peft_utils import lora_layers
 from cl_runner.runner import run
 from conftest import SMOKE, compose_config, task_with_inputs
-from test_configs import EDIT_METHODS, check_trains_exactly_its_parameters, options
+from test_configs import check_trains_exactly_its_parameters, options, tiny_layers
 
 
 def prompt_ids(tokenizer):
@@ -26,8 +26,7 @@ def test_row_zero_is_the_base_model_whatever_the_method(method, tiny_model_and_t
     ids = prompt_ids(tokenizer)
     with torch.no_grad():
         want = base.eval()(input_ids=ids).logits
-        layer = ["method.layer=0"] if method in EDIT_METHODS else []  # an editor's layer must exist in the 2-layer tiny model
-        built = build(compose_config([f"method={method}", *layer]).method, "method")
+        built = build(compose_config([f"method={method}", *tiny_layers(method)]).method, "method")
         model = built.setup(copy.deepcopy(base)).eval()
         built.before_task(model, 0, task_with_inputs(tokenizer)[0])
         for member in built.eval_members(model, 0, 0):  # what the runner scores row 0 with

@@ -67,3 +67,9 @@ def test_cli_refuses_a_missing_folder_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "cl_runner.report", str(tmp_path / "nope")], capture_output=True, text=True)
     assert result.returncode != 0
     assert result.stderr.strip() == f"cl-runner-report: error: not a folder: {tmp_path / 'nope'}"
+
+
+def test_a_single_row_keeps_its_name(tmp_path):
+    fake_run(tmp_path, ["recipe=a", "seed=0"], acc=0.5)
+    fake_run(tmp_path, ["recipe=a", "seed=1"], acc=0.5)
+    assert "| `recipe=a` | 0,1 |" in markdown_table(find_runs([tmp_path]))

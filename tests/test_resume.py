@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import QUIET, REPO
-from test_configs import EDIT_METHODS, options
+from test_configs import EDIT_METHODS, options, tiny_layers
 
 # Six optimizer steps per task; the kill lands after the third task's second logged step.
 SHORT = ["experiment=smoke", *QUIET, "logger=none", "trainer.max_steps=6", "task_sequence.tasks=[second_word,third_word,last_word]"]
@@ -16,11 +16,11 @@ SHORT = ["experiment=smoke", *QUIET, "logger=none", "trainer.max_steps=6", "task
 
 # Editors learn edit tasks: six built-in edits in three tasks of two (cf_1, cf_2, cf_3).
 EDITS = ["experiment=smoke", *QUIET, "logger=none", "task_sequence.train_size=6", "task_sequence.probe_size=4",
-         "task_sequence.tasks=[{include: counterfact_batches, name: cf, edit_batch_size: 2}]", "method.v_num_grad_steps=5", "method.layer=0"]
+         "task_sequence.tasks=[{include: counterfact_batches, name: cf, edit_batch_size: 2}]", "method.v_num_grad_steps=5"]
 
 
 def cli(run_dir, method):
-    return [*(EDITS if method in EDIT_METHODS else SHORT), f"method={method}", f"hydra.run.dir={run_dir}"]
+    return [*(EDITS if method in EDIT_METHODS else SHORT), f"method={method}", *tiny_layers(method), f"hydra.run.dir={run_dir}"]
 
 
 def kill_point(method):

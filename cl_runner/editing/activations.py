@@ -55,7 +55,7 @@ def reading(module: torch.nn.Module) -> Iterator[dict]:
 
     def hook(_module, args, output):
         seen["input"] = args[0]
-        seen["output"] = output
+        seen["output"] = output[0] if isinstance(output, tuple) else output
 
     handle = module.register_forward_hook(hook)
     try:
@@ -69,9 +69,10 @@ def adding_at(module: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor, v
     """While open, ``vector`` is added to the module's output at each ``(rows[n], cols[n])``."""
 
     def hook(_module, _args, output):
-        output = output.clone()
-        output[rows, cols] = output[rows, cols] + vector.to(output.dtype)
-        return output
+        hidden = output[0] if isinstance(output, tuple) else output  # older decoder layers return (hidden, ...)
+        hidden = hidden.clone()
+        hidden[rows, cols] = hidden[rows, cols] + vector.to(hidden.dtype)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     handle = module.register_forward_hook(hook)
     try:

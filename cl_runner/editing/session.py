@@ -1,0 +1,84 @@
+"""What every editor method keeps through a run: the tokenizer, the context templates, the
+covariance of each edited layer, the exact history of weight changes, and their checkpoint.
+
+Editor methods (cl_runner/methods/rome.py, memit.py) hold one ``EditSession`` and add only their
+update rule. Everything here starts empty with each run and is restored from the run's own
+checkpoints on resume; nothing is shared between runs except the covariance cache, which is
+keyed by the model's weights, the layer and the corpus.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from cl_runner.editing.contexts import context_templates
+from cl_runner.editing.covariance import second_moment, settings_from
+from cl_runner.editing.history import EditHistory
+from cl_runner.editing.layout import ModuleTemplates
+from cl_runner.errors import UserError
+from cl_runner.models import default_cache_dir
+
+TEMPLATES_FILE = "context_templates.json"
+WEIGHTS_FILE = "edited_weights.safetensors"
+STATE_FILE = "editor_state.safetensors"
+
+
+class EditSession:
+    def __init__(self, covariance: dict | None = None, context_lengths=((5, 10), (10, 10)), modules: dict | None = None, cache_dir: str | None = None):
+        self.covariance_settings = settings_from(covariance)
+        self.context_lengths = [tuple(pair) for pair in context_lengths]
+        self.modules = ModuleTemplates(**dict(modules or {}))
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "covariance"
+        self.tokenizer = None
+        self.templates: list[str] | None = None
+        self.second_moments: dict[int, torch.Tensor] = {}
+        self.history = EditHistory()
+        self.state: dict[str, torch.Tensor] = {}  # an editor's own tensors (AlphaEdit's key cache), checkpointed
+
+    def check_layers(self, model, layers) -> None:
+        for layer in layers:  # a wrong layer or module name fails before any work
+            self.modules.mlp_out_module(model, layer)
+
+    def context_templates(self, model) -> list[str]:
+        if self.templates is None:
+            self.templates = context_templates(model, self.tokenizer, self.context_lengths)
+        return self.templates
+
+    def second_moment(self, model, layer: int) -> torch.Tensor:
+        if layer not in self.second_moments:
+            name = self.modules.mlp_out.format(layer)
+            self.second_moments[layer] = second_moment(model, self.tokenizer, self.modules.mlp_out_module(model, layer), name, self.covariance_settings, self.cache_dir)
+        return self.second_moments[layer]
+
+    def weight_names(self, layers) -> list[str]:
+        return [self.modules.mlp_out.format(layer) + ".weight" for layer in layers]
+
+    @staticmethod
+    def requests_of(task, method: str) -> list:
+        if not task.requests:
+            raise UserError(f"method={method} edits facts, but task '{task.name}' has no edit requests (type: edit); use edit_plus_lora for mixed sequences")
+        return task.requests
+
+    def save(self, model, directory: Path) -> None:
+        names = sorted({n for changes in self.history.changes.values() for n in changes})
+        safetensors.torch.save_file({n: model.get_parameter(n).detach().cpu().contiguous() for n in names}, str(directory / WEIGHTS_FILE))
+        safetensors.torch.save_file({k: v.contiguous() for k, v in self.state.items()}, str(directory / STATE_FILE))
+        (directory / TEMPLATES_FILE).write_text(json.dumps(self.templates or []))
+        if self.history.changes:
+            self.history.save(directory, list(self.history.changes)[-1])
+
+    def load(self, model, directories: list[Path]) -> None:
+        for directory in directories:
+            if (directory / "edit_history.safetensors").exists():
+                self.history.load(directory)
+        last = directories[-1]
+        with torch.no_grad():
+            for name, value in safetensors.torch.load_file(str(last / WEIGHTS_FILE)).items():
+                parameter = model.get_parameter(name)
+                parameter.copy_(value.to(parameter.device, parameter.dtype))
+        self.state = dict(safetensors.torch.load_file(str(last / STATE_FILE)))
+        self.templates = json.loads((last / TEMPLATES_FILE).read_text()) or None
