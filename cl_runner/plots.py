@@ -28,3 +28,25 @@ def plot_heatmap(task_names, acc_matrix, path: Path, title: str = "") -> Path:
     write_file_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
+
+
+def plot_trace(tokens, subject_range, scores, low: float, kind: str, answer: str, path: Path) -> Path:
+    """A causal-tracing heatmap: rows are the prompt's tokens (subject tokens starred), columns layers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first, last = subject_range
+    labels = [f"{t!r}*" if first <= i <= last else repr(t) for i, t in enumerate(tokens)]
+    fig, ax = plt.subplots(figsize=(0.22 * scores.shape[1] + 3, 0.35 * len(tokens) + 1.5))
+    cmap = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}[kind]
+    image = ax.imshow(scores, cmap=cmap, vmin=low, aspect="auto")
+    ax.set_yticks(range(len(tokens)), labels=labels)
+    ax.set_xlabel(f"layer (restored: {kind}{'' if kind == 'hidden' else ', window of 10'})")
+    ax.set_title(f"p({answer.strip()}) with one state restored")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    write_file_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path

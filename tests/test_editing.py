@@ -288,3 +288,34 @@ def test_alphaedit_update_is_blind_to_the_preserved_keys_and_its_cache_belongs_t
     assert set(cache) == {0} and torch.linalg.matrix_rank(cache[0].double(), atol=1e-6) == 2  # K K^T of the batch's two keys
     fresh = build(compose_config(["method=alphaedit"]).method, "method")
     assert fresh.session.state == {} and fresh._key_cache() == {}
+
+
+def test_causal_tracing_finds_the_fact_in_the_mlp_at_the_last_subject_token(smollm2):
+    """On a built-in fact, restoring the early MLP outputs at the subject's last token brings the
+    answer back more than restoring them at the prompt's last token (the paper's finding)."""
+    from cl_runner.editing.tracing import embedding_noise_scale, subject_range, trace
+
+    model, tokenizer = smollm2
+    prompt, subject = "The mother tongue of {} is", "Angela Merkel"
+    _, first, last = subject_range(tokenizer, prompt, subject)
+    assert [tokenizer.decode([i]) for i in subject_range(tokenizer, prompt, subject)[0][first : last + 1]] == [" Angela", " Mer", "kel"]
+    noise = embedding_noise_scale(model, tokenizer, ["Angela Merkel", "France", "Toyota", "Leo Tolstoy", "Paris"])
+    result = trace(model, tokenizer, prompt, subject, noise, kind="mlp", samples=3, positions=[last, -1], only_layers=list(range(0, 10, 2)))
+    assert result.answer.strip() == "German" and result.high > result.low
+    early = slice(0, 10, 2)
+    assert result.effect[last, early].max() > result.effect[-1, early].max() + 0.02
+
+
+def test_trace_cli_writes_a_table_and_a_heatmap_per_fact_and_kind(tmp_path, capsys):
+    from cl_runner.editing.trace_cli import main
+
+    main(["--facts", "3", "--samples", "2", "--kinds", "hidden", "mlp", "--out", str(tmp_path), "--", "model=tiny"])
+    table = json.loads((tmp_path / "3_mlp.json").read_text())
+    assert table["prompt"] == "The official language of {} is" and table["kind"] == "mlp"
+    assert len(table["scores"]) == len(table["tokens"]) and all(len(row) == 2 for row in table["scores"])  # tiny: 2 layers
+    first, last = table["subject_range"]
+    assert "".join(table["tokens"][first : last + 1]).strip() == table["subject"]
+    assert (tmp_path / "3_hidden.png").stat().st_size > 1000 and (tmp_path / "3_mlp.png").exists()
+    assert "largest MLP effect at the last subject token in layer" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no built-in fact with case_id"):
+        main(["--facts", "9999", "--out", str(tmp_path)])
