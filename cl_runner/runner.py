@@ -25,6 +25,7 @@ from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryV
 from cl_runner.config import build
 from cl_runner.error_file import clear_error_file, write_error_file
 from cl_runner.errors import UserError
+from cl_runner.methods.base import ContinualMethod
 from cl_runner.evaluation import evaluate_task, evaluate_tasks
 from cl_runner.formatting import PromptFormatter
 from cl_runner.models import load_model, resolve_device
@@ -124,12 +125,21 @@ class Experiment:
         self.method = build(cfg.method, "method")
         self.replay = build(cfg.replay, "replay")
         self.logger = build(cfg.logger, "logger")
+        self._check_rollback()
         self.replay_tasks = self.replay.data_tasks(list(cfg.task_sequence.task_dirs))
         fingerprints = {t.name: t.fingerprint() for t in [*self.tasks, *([self.probe] if self.probe else [])]}
         fingerprints.update({f"replay/{t.name}": t.fingerprint() for t in self.replay_tasks})
         self.state = RunState.open(run_dir, result_settings(self.config), self.task_names, fingerprints)
         self.timing: dict = {}
         self._encoded: dict[str, list] = {}
+
+    def _check_rollback(self) -> None:
+        names = list(self.cfg.get("rollback") or [])
+        unknown = [n for n in names if n not in self.task_names]
+        if unknown:
+            raise UserError(f"rollback: no task named {unknown} in this sequence ({self.task_names})")
+        if names and type(self.method).rollback is ContinualMethod.rollback:
+            raise UserError(f"rollback: method {self.cfg.method.name} cannot roll tasks back (editors can: rome, memit, alphaedit)")
 
     def task_seed(self, task_index: int) -> int:
         return self.cfg.seed * 1000 + task_index
@@ -240,20 +250,34 @@ class Experiment:
                     t + 1, len(self.tasks), self.task_names[t], stats["steps"], stats["seconds"], stats["tokens_per_s"],
                     stats["final_loss"] or float("nan"), t + 1, _format_row(row.scores), _format_score(row.general),
                 )
-            results = self._finish(time.perf_counter() - total_started)
+            rolled_back = self._rollback() if self.cfg.get("rollback") else None
+            results = self._finish(time.perf_counter() - total_started, rolled_back)
         except BaseException:
             self.logger.finish(exit_code=1)  # the W&B run is marked failed, and resumed by the next invocation
             raise
         self.logger.finish()
         return results
 
-    def _finish(self, seconds: float) -> dict:
+    def _rollback(self) -> dict:
+        """Undo the named tasks (in the order given) after the sequence and score every task again."""
+        names = list(self.cfg.rollback)
+        exact = {name: self.method.rollback(self.model, name) for name in names}
+        members = lambda i: self.method.eval_members(self.model, len(self.tasks), i)
+        task_scores = evaluate_tasks(self.model, self.formatter, self.tasks, self.cfg.eval.batch_size, self.device, members, "eval after rollback", self.cfg.eval.progress_bar)
+        scores = [s[task.metric] for s, task in zip(task_scores, self.tasks)]
+        self.events.write({"event": "rollback", "tasks": names, "bit_exact": exact, "scores": dict(zip(self.task_names, scores))})
+        log.info("rolled back %s (bit for bit: %s): %s", names, exact, _format_row(scores))
+        return {"tasks": names, "bit_exact": exact, "scores": scores, "task_scores": task_scores}
+
+    def _finish(self, seconds: float, rolled_back: dict | None = None) -> dict:
         self.timing.update(self.state.timing)
         self.timing["this_invocation_s"] = seconds
         results = build_results(
             self.task_names, self.state.acc_matrix, self.state.general, self.timing, self.state.train_stats, self.config,
             self.state.task_scores, self.state.invocations, self.state.method_reports,
         )
+        if rolled_back is not None:
+            results["rollback"] = rolled_back
         write_json_atomic(self.run_dir / "results.json", results)
         heatmap = plot_heatmap(self.task_names, self.state.acc_matrix, self.run_dir / "acc_matrix.png", title=f"{self.cfg.method.name}: R[t][i]")
         self.logger.log_results(results, heatmap, step=self.events.lines)

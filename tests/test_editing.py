@@ -319,3 +319,30 @@ def test_trace_cli_writes_a_table_and_a_heatmap_per_fact_and_kind(tmp_path, caps
     assert "largest MLP effect at the last subject token in layer" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no built-in fact with case_id"):
         main(["--facts", "9999", "--out", str(tmp_path)])
+
+
+def test_rollback_after_the_sequence_gives_back_the_earlier_row_exactly(tmp_path):
+    """rollback=[cf_02] after two ROME tasks: bit for bit, so every task scores exactly what it did after cf_01."""
+    from cl_runner.runner import run
+    from conftest import compose_config
+
+    overrides = ["experiment=smoke", "logger=none", "method=rome", "method.layer=0", "method.v_num_grad_steps=5", "method.covariance.tokens=2000", "task_sequence.train_size=4",
+                 "task_sequence.tasks=[{include: counterfact_batches, name: cf, edit_batch_size: 2}]", "task_sequence.general_probe=null", "rollback=[cf_02]"]
+    results = run(compose_config(overrides), tmp_path)
+    assert results["rollback"]["bit_exact"] == {"cf_02": True}
+    assert results["rollback"]["scores"] == results["acc_matrix"][1]
+    assert results["rollback"]["task_scores"] == results["task_scores"][1]
+    assert results["acc_matrix"][2] != results["acc_matrix"][1] or results["task_scores"][2] != results["task_scores"][1]  # cf_02 changed something
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["rollback=[nope]", "method=rome", "method.layer=0"], "rollback: no task named \\['nope'\\]"),
+    (["rollback=[second_word]", "method=seq_lora"], "cannot roll tasks back"),
+])
+def test_bad_rollback_is_refused_before_any_work(overrides, message, tmp_path):
+    from cl_runner.runner import run
+    from conftest import compose_config
+
+    with pytest.raises(UserError, match=message):
+        run(compose_config(["experiment=smoke", "logger=none", *overrides]), tmp_path)
+    assert not (tmp_path / "state.json").exists()

@@ -16,7 +16,7 @@ SHORT = ["experiment=smoke", *QUIET, "logger=none", "trainer.max_steps=6", "task
 
 # Editors learn edit tasks: six built-in edits in three tasks of two (cf_1, cf_2, cf_3).
 EDITS = ["experiment=smoke", *QUIET, "logger=none", "task_sequence.train_size=6", "task_sequence.probe_size=4",
-         "task_sequence.tasks=[{include: counterfact_batches, name: cf, edit_batch_size: 2}]", "method.v_num_grad_steps=5"]
+         "task_sequence.tasks=[{include: counterfact_batches, name: cf, edit_batch_size: 2}]", "method.v_num_grad_steps=5", "method.covariance.tokens=2000"]
 
 
 def cli(run_dir, method):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from cl_runner.errors import UserError
 from cl_runner.tasks import Task
 
 
@@ -76,6 +77,10 @@ class ContinualMethod:
         """Anything the method measured while row ``tasks_learnt`` was scored (e.g. task-identification
         accuracy); kept per row in ``results.json`` as ``method_reports``."""
         return None
+
+    def rollback(self, model: torch.nn.Module, task_name: str) -> bool:
+        """Undo what learning task ``task_name`` changed; True when the weights are restored bit for bit."""
+        raise UserError(f"method {type(self).__name__} cannot roll tasks back (rollback= needs a method that keeps each task's exact change, e.g. an editor)")
 
     def save_checkpoint(self, model: torch.nn.Module, directory: Path, task_index: int) -> None:
         """Write what is needed to restore the model after task ``task_index`` into ``directory``."""
