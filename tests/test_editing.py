@@ -346,3 +346,38 @@ def test_bad_rollback_is_refused_before_any_work(overrides, message, tmp_path):
     with pytest.raises(UserError, match=message):
         run(compose_config(["experiment=smoke", "logger=none", *overrides]), tmp_path)
     assert not (tmp_path / "state.json").exists()
+
+
+def test_rome_layer_auto_picks_the_traced_layer_and_keeps_it_through_resume(tmp_path, monkeypatch):
+    """layer: auto edits the layer with the largest traced MLP effect (here forced to layer 1 by a
+    stub trace), and a resumed run keeps that layer from the checkpoint instead of tracing again."""
+    from cl_runner.editing import tracing
+    from cl_runner.runner import run
+    from conftest import compose_config
+
+    calls = []
+
+    def stub_trace(model, tokenizer, prompt, subject, noise, kind, positions, **kwargs):
+        calls.append(subject)
+        effect = torch.zeros(20, 2)
+        effect[positions[0], 1] = 1.0
+        return tracing.Trace([], (0, 0), "", effect, 0.0, 1.0, kind)
+
+    monkeypatch.setattr(tracing, "trace", stub_trace)
+    overrides = ["experiment=smoke", "logger=none", "method=rome", "method.layer=auto", "method.auto_layer_facts=2", "method.v_num_grad_steps=3",
+                 "method.covariance.tokens=2000", "task_sequence.train_size=4", "task_sequence.general_probe=null",
+                 "task_sequence.tasks=[{include: counterfact_batches, name: cf, edit_batch_size: 2}]"]
+    run(compose_config(overrides), tmp_path)
+    assert len(calls) == 2  # traced once, on the first task's first two requests
+    import safetensors.torch
+
+    from cl_runner.config import build
+    from cl_runner.models import load_model
+
+    checkpoints = sorted((tmp_path / "checkpoints").iterdir())
+    assert len(checkpoints) == 2
+    assert list(safetensors.torch.load_file(str(checkpoints[-1] / "edited_weights.safetensors"))) == ["model.layers.1.mlp.down_proj.weight"]
+    resumed = build(compose_config(overrides).method, "method")
+    model, _ = load_model(compose_config(["model=tiny"]).model)
+    resumed.load_checkpoint(resumed.setup(model), checkpoints)
+    assert resumed.settings.layer == 1 and len(calls) == 2
