@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import QUIET, REPO, run_cli
+from conftest import QUIET, run_cli
 
 GOOD_SENTIMENT = [{"text": "great film", "label": "positive"}, {"text": "dull", "label": "negative"}]
 

@@ -407,8 +407,6 @@ def test_routed_examples_are_answered_by_their_member_only(tiny_model_and_tokeni
             yield
         return context
 
-    original = evaluation.choice_loglikelihoods
-
     def spy(model, requests, *args, **kwargs):
         answered.append((active["member"], len(requests)))
         return [[0.0, -1.0] if active["member"] == 0 else [-1.0, 0.0] for _ in requests]  # member 0 says yes, member 1 no

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cl_runner.layout import pad_right
+
 
 @dataclass(frozen=True)
 class SubjectPrompt:
@@ -39,12 +41,7 @@ def target_ids(tokenizer, target: str) -> list[int]:
 
 
 def right_padded(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        mask[row, : len(sequence)] = 1
+    ids, mask = pad_right(sequences, pad_id)
     return ids.to(device), mask.to(device)
 
 

@@ -63,6 +63,11 @@ class EditSession:
             raise UserError(f"method={method} edits facts, but task '{task.name}' has no edit requests (type: edit); use edit_plus_lora for mixed sequences")
         return task.requests
 
+    @staticmethod
+    def task_stats(edits: int, seconds: float, losses: list[float]) -> dict:
+        """What an editor's ``learn`` reports in place of the training loop's statistics."""
+        return {"steps": edits, "tokens": 0, "seconds": seconds, "tokens_per_s": 0.0, "final_loss": sum(losses) / len(losses), "trainable_parameters": 0}
+
     def save(self, model, directory: Path) -> None:
         names = sorted({n for changes in self.history.changes.values() for n in changes})
         safetensors.torch.save_file({n: model.get_parameter(n).detach().cpu().contiguous() for n in names}, str(directory / WEIGHTS_FILE))

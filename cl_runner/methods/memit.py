@@ -65,9 +65,7 @@ class MemitEditor(ContinualMethod):
         self.session.history.record(task.name, model, before)
         for step, fit in enumerate(fits, start=1):
             train.log_step({"step": step, "loss": fit.final_nll, "initial_loss": fit.initial_nll, "value_steps": fit.steps})
-        seconds = time.perf_counter() - started
-        return {"steps": len(requests), "tokens": 0, "seconds": seconds, "tokens_per_s": 0.0,
-                "final_loss": sum(f.final_nll for f in fits) / len(fits), "trainable_parameters": 0}
+        return self.session.task_stats(len(requests), time.perf_counter() - started, [f.final_nll for f in fits])
 
     def rollback(self, model, task_name: str) -> bool:
         return self.session.history.rollback(task_name, model)

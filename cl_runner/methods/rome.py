@@ -87,8 +87,7 @@ class RomeEditor(ContinualMethod):
             losses.append(fit.final_nll)
             train.log_step({"step": step, "loss": fit.final_nll, "initial_loss": fit.initial_nll, "value_steps": fit.steps})
         self.session.history.record(task.name, model, before)
-        seconds = time.perf_counter() - started
-        return {"steps": len(requests), "tokens": 0, "seconds": seconds, "tokens_per_s": 0.0, "final_loss": sum(losses) / len(losses), "trainable_parameters": 0}
+        return self.session.task_stats(len(requests), time.perf_counter() - started, losses)
 
     def rollback(self, model, task_name: str) -> bool:
         """Undo a task's edits; True when the weights are restored bit for bit (see editing/history.py)."""

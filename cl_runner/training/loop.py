@@ -9,7 +9,6 @@ Throughput is reported in non-padding tokens/s.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
