@@ -25,7 +25,8 @@ EDIT_METHODS = {"rome", "memit", "alphaedit"}
 
 def tiny_layers(method: str) -> list[str]:
     """Overrides that put an editor's layers inside the 2-layer tiny model."""
-    return {"rome": ["method.layer=0"], "memit": ["method.layers=[0]"], "alphaedit": ["method.layers=[0]"]}.get(method, [])
+    return {"rome": ["method.layer=0"], "memit": ["method.layers=[0,1]"], "alphaedit": ["method.layers=[0,1]", "method.nullspace_threshold=1e-4"],
+            "edit_plus_lora": ["method.editor.layer=0", "method.editor.covariance.tokens=2000"]}.get(method, [])
 
 
 def trained_methods() -> list[str]:
@@ -135,7 +136,7 @@ def test_edit_methods_train_no_parameters(method, tiny_model_and_tokenizer):
 
 @pytest.mark.parametrize("method", trained_methods())
 def test_every_method_trains_exactly_its_parameters_and_checkpoints_them(method, tiny_model_and_tokenizer, tmp_path):
-    check_trains_exactly_its_parameters(compose_config([f"method={method}"]).method, tiny_model_and_tokenizer, tmp_path)
+    check_trains_exactly_its_parameters(compose_config([f"method={method}", *tiny_layers(method)]).method, tiny_model_and_tokenizer, tmp_path)
 
 
 def test_conf_has_no_stray_yaml():

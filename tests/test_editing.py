@@ -233,6 +233,9 @@ def test_counterfact_scores_by_hand(monkeypatch):
         def __call__(self, text, add_special_tokens=True):
             return {"input_ids": [1, 3] if "Rome" in text else [5]}
 
+        def decode(self, ids):
+            return "x"
+
     monkeypatch.setattr(metrics, "teacher_forced", fake_teacher_forced)
     [scores] = metrics.counterfact_scores(None, Tokenizer(), [REQUEST])
     assert scores["efficacy"] == 1.0 and scores["paraphrase"] == 0.0 and scores["neighborhood"] == 1.0
@@ -276,7 +279,7 @@ def test_alphaedit_update_is_blind_to_the_preserved_keys_and_its_cache_belongs_t
         settings = MemitSettings(layers=(0,), null_space=null_space, nullspace_threshold=threshold, mom2_update_weight=1e-6)  # a negligible C term: MEMIT then moves preserved keys
         cache = {}
         projectors = {0: null_space_projector(second_moment, threshold)}
-        deltas, _ = memit_update(model, tokenizer, requests, ["{}"], settings, {0: second_moment}, cache=cache, projectors=projectors)
+        deltas, _ = memit_update(model, tokenizer, requests, [["{}"]], settings, {0: second_moment}, cache=cache, projectors=projectors)
         results[null_space] = (deltas["model.layers.0.mlp.down_proj.weight"], cache)
     alpha, cache = results[True]
     memit, _ = results[False]

@@ -19,8 +19,13 @@ EDITS = ["experiment=smoke", *QUIET, "logger=none", "task_sequence.train_size=6"
          "task_sequence.tasks=[{include: counterfact_batches, name: cf, edit_batch_size: 2}]", "method.v_num_grad_steps=5", "method.covariance.tokens=2000"]
 
 
+# Edit + LoRA: a knowledge task, then two skills (the kill lands in the last one).
+MIXED = [*SHORT[:-1], "task_sequence.tasks=[{include: counterfacts, name: facts, edit_records: [0, 2]},third_word,last_word]"]
+
+
 def cli(run_dir, method):
-    return [*(EDITS if method in EDIT_METHODS else SHORT), f"method={method}", *tiny_layers(method), f"hydra.run.dir={run_dir}"]
+    args = EDITS if method in EDIT_METHODS else MIXED if method == "edit_plus_lora" else SHORT
+    return [*args, f"method={method}", *tiny_layers(method), f"hydra.run.dir={run_dir}"]
 
 
 def kill_point(method):

@@ -37,7 +37,11 @@ def encode_subject_prompt(tokenizer, prompt: str, subject: str, context: str = "
 
 def target_ids(tokenizer, target: str) -> list[int]:
     """The target's tokens as they follow a prompt: with a leading space, without special tokens."""
-    return tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]
+    # SentencePiece tokenizers (Llama-2) may give the space a token of its own: not part of the answer.
+    if len(ids) > 1 and not tokenizer.decode(ids[:1]).strip():
+        ids = ids[1:]
+    return ids
 
 
 def right_padded(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -195,14 +195,23 @@ def estimate_second_moment(model, module: torch.nn.Module, sequences: Iterable[l
     return (total / count).float(), count
 
 
-def second_moment(model, tokenizer, module: torch.nn.Module, module_name: str, settings: CovarianceSettings, cache_dir: Path) -> torch.Tensor:
-    """C for ``module``: from the cache when this (model, module, corpus, count) was estimated before."""
-    key_material = json.dumps({"model": model_fingerprint(model), "module": module_name, "corpus": settings.describe()}, sort_keys=True)
+def second_moment(model, tokenizer, module: torch.nn.Module, module_name: str, settings: CovarianceSettings, cache_dir: Path,
+                  fingerprint: str | None = None) -> torch.Tensor:
+    """C for ``module``: from the cache when this (model, module, corpus, count) was estimated before.
+
+    ``fingerprint`` names the model's weights in the cache key (default: the weights now). A
+    resumed editor passes the fingerprint of the weights it first estimated C on, since its
+    own edits have changed them since.
+    """
+    fingerprint = fingerprint or model_fingerprint(model)
+    key_material = json.dumps({"model": fingerprint, "module": module_name, "corpus": settings.describe()}, sort_keys=True)
     key = hashlib.sha256(key_material.encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"{module_name.replace('.', '_')}-{key}.safetensors"
     if path.exists():
         log.info("covariance of %s from cache %s", module_name, path)
         return safetensors.torch.load_file(str(path))["second_moment"]
+    if fingerprint != model_fingerprint(model):
+        log.warning("covariance of %s: the cache for the weights this run started editing is gone (%s); estimating it on the edited weights", module_name, path)
     log.info("estimating the covariance of %s's inputs over %d tokens (%s corpus; cached at %s)", module_name, settings.tokens, settings.corpus, path)
     was_training = model.training
     model.eval()

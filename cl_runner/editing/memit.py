@@ -8,7 +8,7 @@ For requests i = 1..n and edited layers l_1 < .. < l_k:
    the new target over the context templates, KL on ``"{s} is a"``, weight decay, clamp).
 2. For each layer l in ascending order, with the updates of earlier layers already applied:
    K = the layer's MLP-output-projection input at each request's last subject token, averaged
-   over the templates (columns); R = z - the current l_k output on the bare prompts, spread
+   within each group of templates and then over the groups (columns); R = z - the current l_k output on the bare prompts, spread
    as R / (layers left); MEMIT: dW = R (lambda C + K K^T)^-1 K ^T with lambda =
    ``mom2_update_weight`` (in float64).
    AlphaEdit: P projects onto the directions of C whose singular values are below
@@ -19,6 +19,7 @@ For requests i = 1..n and edited layers l_1 < .. < l_k:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,9 @@ from cl_runner.editing.activations import encode_subject_prompt, io_at
 from cl_runner.editing.layout import ModuleTemplates, outer_update
 from cl_runner.editing.requests import EditRequest
 from cl_runner.editing.rome import RomeSettings, fit_value
+from cl_runner.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,16 +48,24 @@ def null_space_projector(second_moment: torch.Tensor, threshold: float) -> torch
     """P = U U^T over the singular vectors of C whose singular values are below ``threshold``."""
     u, s, _ = torch.linalg.svd(second_moment.double())
     small = u[:, s < threshold]
+    if small.shape[1] in (0, len(s)):
+        raise UserError(f"method.nullspace_threshold={threshold}: {small.shape[1]} of {len(s)} directions of C fall below it, so the null space is "
+                        f"{'empty' if not small.shape[1] else 'everything'}; C's singular values run from {float(s[-1]):.3g} to {float(s[0]):.3g}")
+    log.info("AlphaEdit null space: %d of %d directions of C (singular values < %g)", small.shape[1], len(s), threshold)
     return (small @ small.T).float()
 
 
-def keys_at(model, tokenizer, module, requests: list[EditRequest], templates: list[str]) -> torch.Tensor:
-    """(in, n): each request's key, the module input at its last subject token averaged over the templates."""
+def keys_at(model, tokenizer, module, requests: list[EditRequest], template_groups: list[list[str]]) -> torch.Tensor:
+    """(in, n): each request's key, the module input at its last subject token averaged within each
+    group of templates, then over the groups (as MEMIT does: the bare prompt weighs as much as a group)."""
     columns = []
     for request in requests:
-        prompts = [encode_subject_prompt(tokenizer, request.prompt, request.subject, context) for context in templates]
-        keys, _ = io_at(model, module, prompts, tokenizer.pad_token_id)
-        columns.append(keys.mean(0))
+        group_means = []
+        for group in template_groups:
+            prompts = [encode_subject_prompt(tokenizer, request.prompt, request.subject, context) for context in group]
+            keys, _ = io_at(model, module, prompts, tokenizer.pad_token_id)
+            group_means.append(keys.mean(0))
+        columns.append(torch.stack(group_means).mean(0))
     return torch.stack(columns, dim=1)
 
 
@@ -64,7 +76,7 @@ def last_layer_outputs(model, tokenizer, module, requests: list[EditRequest]) ->
     return outputs.T
 
 
-def memit_update(model, tokenizer, requests: list[EditRequest], templates: list[str], settings: MemitSettings,
+def memit_update(model, tokenizer, requests: list[EditRequest], template_groups: list[list[str]], settings: MemitSettings,
                  second_moments: dict[int, torch.Tensor], modules: ModuleTemplates = ModuleTemplates(),
                  cache: dict[int, torch.Tensor] | None = None, projectors: dict[int, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], list]:
     """Apply a batch of edits layer by layer; return ``{weight name: dW}`` (applied) and the value fits.
@@ -83,11 +95,12 @@ def memit_update(model, tokenizer, requests: list[EditRequest], templates: list[
     deltas: dict[str, torch.Tensor] = {}
     try:
         starts = last_layer_outputs(model, tokenizer, z_module, requests)
+        templates = [t for group in template_groups for t in group]
         fits = [fit_value(model, tokenizer, z_module, request, templates, settings.value, starts[:, i]) for i, request in enumerate(requests)]
         targets = torch.stack([fit.value for fit in fits], dim=1)  # (hidden, n)
         for position, layer in enumerate(settings.layers):
             module = modules.mlp_out_module(model, layer)
-            keys = keys_at(model, tokenizer, module, requests, templates).double()  # (in, n)
+            keys = keys_at(model, tokenizer, module, requests, template_groups).double()  # (in, n)
             residual = (targets - last_layer_outputs(model, tokenizer, z_module, requests)).double() / (len(settings.layers) - position)
             c = second_moments[layer].double().to(keys.device)
             if settings.null_space:
@@ -106,6 +119,12 @@ def memit_update(model, tokenizer, requests: list[EditRequest], templates: list[
                 parameter = model.get_parameter(name)
                 parameter.add_(delta.to(parameter.device, parameter.dtype))
             deltas[name] = delta
+    except BaseException:
+        with torch.no_grad():  # a failure half-way leaves no layer half-edited
+            for name, delta in deltas.items():
+                parameter = model.get_parameter(name)
+                parameter.sub_(delta.to(parameter.device, parameter.dtype))
+        raise
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)

@@ -12,7 +12,9 @@ CounterFact (ROME / MEMIT papers), from the mean per-token NLL of " target_new" 
 
 EasyEdit (teacher forced, token level): rewrite accuracy and rephrase accuracy, the share of
 target_new's tokens that are the argmax after the prompt's text and the target's earlier
-tokens; locality, the share of a neighbourhood answer's argmax tokens the edit left unchanged.
+tokens. (EasyEdit's locality, the share of a neighbourhood answer's argmax tokens the edit
+left unchanged, needs the unedited model's tokens: not computed yet. ``fluency`` is here but
+not yet part of a run's scores.)
 
 Each score is a pure function of numbers computed by the model-facing helpers below.
 """

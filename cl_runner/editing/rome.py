@@ -8,7 +8,7 @@ projection (key k = its input, value = its output):
    (C = E[k k^T] over a corpus, ``covariance.py``), else u = k* / ||k*||.
 2. v*: a vector delta added to W's output at the last subject token of every prompt is
    optimised (Adam, ``v_lr``, at most ``v_num_grad_steps``, stop when the loss < 0.05) for
-   NLL(o* | context + p(s)) averaged over prompts + ``kl_factor`` KL(original || edited) of the
+   NLL(o* | context + p(s)) averaged over prompts + ``kl_factor`` KL(edited || original) of the
    next-token distribution at s's last token in ``"{s} is a"`` + ``v_weight_decay``
    ||delta|| / ||v0||^2, clamped to ||delta|| <= ``clamp_norm_factor`` ||v0||; v* = v0 + delta,
    with v0 W's output on the bare prompt.
@@ -97,7 +97,7 @@ def fit_value(model, tokenizer, module: torch.nn.Module, request: EditRequest, t
         kl_log_probs = log_probs[kl_row, kl_col]
         if initial_kl is None:  # delta is zero on the first pass: the unedited distribution
             initial_kl, initial_nll = kl_log_probs.detach(), nll.item()
-        kl = torch.sum(initial_kl.exp() * (initial_kl - kl_log_probs))
+        kl = torch.sum(kl_log_probs.exp() * (kl_log_probs - initial_kl))  # KL(edited || original), as ROME's code computes it
         decay = delta.norm() / start_value.norm() ** 2
         loss = nll + settings.kl_factor * kl + settings.v_weight_decay * decay
         if loss.item() < settings.early_stop_loss or step == settings.v_num_grad_steps - 1:

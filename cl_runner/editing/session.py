@@ -10,21 +10,24 @@ keyed by the model's weights, the layer and the corpus.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import safetensors.torch
 import torch
 
 from cl_runner.editing.contexts import context_templates
-from cl_runner.editing.covariance import second_moment, settings_from
+from cl_runner.editing.covariance import model_fingerprint, second_moment, settings_from
 from cl_runner.editing.history import EditHistory
 from cl_runner.editing.layout import ModuleTemplates
 from cl_runner.errors import UserError
 from cl_runner.models import default_cache_dir
 
+log = logging.getLogger(__name__)
 TEMPLATES_FILE = "context_templates.json"
 WEIGHTS_FILE = "edited_weights.safetensors"
 STATE_FILE = "editor_state.safetensors"
+META_FILE = "editor_meta.json"
 
 
 class EditSession:
@@ -38,20 +41,38 @@ class EditSession:
         self.second_moments: dict[int, torch.Tensor] = {}
         self.history = EditHistory()
         self.state: dict[str, torch.Tensor] = {}  # an editor's own tensors (AlphaEdit's key cache), checkpointed
+        # The weights C is estimated on: those before this run's first edit, also after a resume.
+        self.base_fingerprint: str | None = None
 
     def check_layers(self, model, layers) -> None:
         for layer in layers:  # a wrong layer or module name fails before any work
             self.modules.mlp_out_module(model, layer)
+        dtypes = {p.dtype for p in model.parameters()}
+        if torch.float16 in dtypes:  # ROME's own pitfall list: fp16 breaks the v* fit and the solve
+            raise UserError("editors need float32 (or bfloat16) weights; this model is float16: set model.dtype=float32")
+        if torch.bfloat16 in dtypes:
+            log.warning("editing a bfloat16 model: keys, values and updates are computed in float32, but the update is rounded to bfloat16 when applied")
 
     def context_templates(self, model) -> list[str]:
         if self.templates is None:
             self.templates = context_templates(model, self.tokenizer, self.context_lengths)
         return self.templates
 
+    def template_groups(self, model) -> list[list[str]]:
+        """The templates as sampled: the bare ``"{}"``, then one group per (tokens, count) of ``context_lengths``."""
+        flat = self.context_templates(model)
+        groups, start = [flat[:1]], 1
+        for _, count in self.context_lengths:
+            groups.append(flat[start : start + count])
+            start += count
+        return [g for g in groups if g]
+
     def second_moment(self, model, layer: int) -> torch.Tensor:
         if layer not in self.second_moments:
             name = self.modules.mlp_out.format(layer)
-            self.second_moments[layer] = second_moment(model, self.tokenizer, self.modules.mlp_out_module(model, layer), name, self.covariance_settings, self.cache_dir)
+            self.base_fingerprint = self.base_fingerprint or model_fingerprint(model)
+            self.second_moments[layer] = second_moment(model, self.tokenizer, self.modules.mlp_out_module(model, layer), name, self.covariance_settings,
+                                                       self.cache_dir, self.base_fingerprint)
         return self.second_moments[layer]
 
     def weight_names(self, layers) -> list[str]:
@@ -73,6 +94,7 @@ class EditSession:
         safetensors.torch.save_file({n: model.get_parameter(n).detach().cpu().contiguous() for n in names}, str(directory / WEIGHTS_FILE))
         safetensors.torch.save_file({k: v.contiguous() for k, v in self.state.items()}, str(directory / STATE_FILE))
         (directory / TEMPLATES_FILE).write_text(json.dumps(self.templates or []))
+        (directory / META_FILE).write_text(json.dumps({"base_fingerprint": self.base_fingerprint}))
         if self.history.changes:
             self.history.save(directory, list(self.history.changes)[-1])
 
@@ -87,3 +109,4 @@ class EditSession:
                 parameter.copy_(value.to(parameter.device, parameter.dtype))
         self.state = dict(safetensors.torch.load_file(str(last / STATE_FILE)))
         self.templates = json.loads((last / TEMPLATES_FILE).read_text()) or None
+        self.base_fingerprint = json.loads((last / META_FILE).read_text())["base_fingerprint"]

@@ -40,9 +40,13 @@ class MemitEditor(ContinualMethod):
     def setup(self, model):
         for parameter in model.parameters():
             parameter.requires_grad_(False)
+        self.check_model(model)
+        return model
+
+    def check_model(self, model) -> None:
+        """A wrong layer or module name fails here, before any work (also used on a wrapped model's base)."""
         self.session.check_layers(model, self.settings.layers)
         self.session.modules.layer_module(model, self.settings.layers[-1])
-        return model
 
     def trainable_parameters(self, model):
         return []
@@ -53,13 +57,13 @@ class MemitEditor(ContinualMethod):
     def learn(self, model, task_index: int, task, train) -> dict:
         requests = self.session.requests_of(task, self.name)
         started = time.perf_counter()
-        templates = self.session.context_templates(model)
+        template_groups = self.session.template_groups(model)
         moments = {layer: self.session.second_moment(model, layer) for layer in self.settings.layers}
         if self.settings.null_space and not self.projectors:
             self.projectors = {layer: null_space_projector(moments[layer], self.settings.nullspace_threshold) for layer in self.settings.layers}
         cache = self._key_cache() if self.settings.null_space else None
         before = self.session.history.snapshot(model, self.session.weight_names(self.settings.layers))
-        _, fits = memit_update(model, self.session.tokenizer, list(requests), templates, self.settings, moments, self.session.modules, cache, self.projectors)
+        _, fits = memit_update(model, self.session.tokenizer, list(requests), template_groups, self.settings, moments, self.session.modules, cache, self.projectors)
         if cache is not None:
             self.session.state = {f"key_cache.{layer}": value for layer, value in cache.items()}
         self.session.history.record(task.name, model, before)

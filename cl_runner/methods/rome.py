@@ -43,9 +43,13 @@ class RomeEditor(ContinualMethod):
     def setup(self, model):
         for parameter in model.parameters():
             parameter.requires_grad_(False)
+        self.check_model(model)
+        return model
+
+    def check_model(self, model) -> None:
+        """A wrong layer or module name fails here, before any work (also used on a wrapped model's base)."""
         if not self.auto_layer:
             self.session.check_layers(model, [self.settings.layer])
-        return model
 
     def _choose_layer(self, model, requests) -> None:
         """``layer: auto``: the layer whose MLP output at the last subject token carries the most of

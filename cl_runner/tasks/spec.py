@@ -69,6 +69,7 @@ class Task:
     type: str = "qa"
     edit_schema: str = "counterfact"
     edit_batch_size: int | None = None
+    edit_records: list[int] | None = None  # [start, end): these records of the file only (edit tasks)
     requests: list = field(default_factory=list, repr=False)
     train: list[Example] = field(default_factory=list, repr=False)
     test: list[Example] = field(default_factory=list, repr=False)
@@ -268,7 +269,14 @@ def _load_edit_task(task: Task) -> Task:
     batch = task.edit_batch_size
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise UserError(f"task '{task.name}': edit_batch_size must be a positive integer or null, got {batch!r}")
-    records = load_split(task, task.test_split, task.train_size)
+    span = task.edit_records
+    if span is not None and (not isinstance(span, (list, tuple)) or len(span) != 2 or not all(isinstance(v, int) and v >= 0 for v in span) or span[0] >= span[1]):
+        raise UserError(f"task '{task.name}': edit_records must be [start, end) with 0 <= start < end, got {span!r}")
+    records = load_split(task, task.test_split, None if span else task.train_size)
+    if span:
+        records = records[span[0] : span[1]][: task.train_size]
+        if not records:
+            raise UserError(f"task '{task.name}': edit_records {list(span)} selects no records")
     task.requests = [SCHEMAS[task.edit_schema](doc, f"task '{task.name}', {source} line {line}") for source, line, doc in records]
     task.train = task.test = [Example(r.rewrite_prompt, r.target_new) for r in task.requests]
     return task
