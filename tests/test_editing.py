@@ -384,3 +384,23 @@ def test_rome_layer_auto_picks_the_traced_layer_and_keeps_it_through_resume(tmp_
     model, _ = load_model(compose_config(["model=tiny"]).model)
     resumed.load_checkpoint(resumed.setup(model), checkpoints)
     assert resumed.settings.layer == 1 and len(calls) == 2
+
+
+def test_edit_plus_lora_edits_knowledge_trains_skills_and_rolls_back_either(tmp_path):
+    """A knowledge task changes only the base weights (by the editor), a skill task only the LoRA
+    adapter; rolling back the last task (a skill) gives back the row before it exactly."""
+    from cl_runner.runner import run
+    from conftest import compose_config
+
+    overrides = ["experiment=smoke", "logger=none", "method=edit_plus_lora", "method.editor.layer=0", "+method.editor.v_num_grad_steps=3",
+                 "method.editor.covariance.tokens=2000", "task_sequence.general_probe=null", "trainer.max_steps=3",
+                 "task_sequence.tasks=[{include: counterfacts, name: facts, edit_records: [0, 2]},second_word]", "rollback=[second_word]"]
+    results = run(compose_config(overrides), tmp_path)
+    assert results["rollback"]["bit_exact"] == {"second_word": True}
+    assert results["rollback"]["scores"] == results["acc_matrix"][1]
+    assert [s["trainable_parameters"] for s in results["train"]][0] == 0 and results["train"][1]["trainable_parameters"] > 0
+    checkpoints = sorted((tmp_path / "checkpoints").iterdir())
+    import safetensors.torch
+    edited = safetensors.torch.load_file(str(checkpoints[0] / "editor" / "edited_weights.safetensors"))
+    assert list(edited) == ["model.layers.0.mlp.down_proj.weight"]
+    assert (checkpoints[1] / "skills" / "edit_history.safetensors").exists() and not (checkpoints[0] / "skills" / "edit_history.safetensors").exists()
