@@ -1,6 +1,7 @@
 """Knowledge editing: request schemas, ROME's update on the tiny model, the covariance cache, exact rollback."""
 
 import copy
+import itertools
 import math
 import json
 import logging
@@ -404,3 +405,20 @@ def test_edit_plus_lora_edits_knowledge_trains_skills_and_rolls_back_either(tmp_
     edited = safetensors.torch.load_file(str(checkpoints[0] / "editor" / "edited_weights.safetensors"))
     assert list(edited) == ["model.layers.0.mlp.down_proj.weight"]
     assert (checkpoints[1] / "skills" / "edit_history.safetensors").exists() and not (checkpoints[0] / "skills" / "edit_history.safetensors").exists()
+
+
+def test_generated_corpus_is_seeded_and_leaves_the_runs_random_stream_alone(tiny_model_and_tokenizer):
+    """Sampling C's corpus must not shift the run's random numbers: a resumed run reads C from the
+    cache and draws nothing there, so otherwise it would train with other dropout masks."""
+    model, tokenizer = tiny_model_and_tokenizer
+    settings = covariance.settings_from({"corpus": "generated", "text_tokens": 6, "batch_size": 2})
+
+    def texts():
+        return list(itertools.islice(covariance.generated_texts(model, tokenizer, settings), 2))
+
+    torch.manual_seed(5)
+    untouched = torch.rand(3)
+    torch.manual_seed(5)
+    first = texts()
+    assert torch.equal(torch.rand(3), untouched)
+    assert texts() == first and all(len(t) >= 6 for t in first)

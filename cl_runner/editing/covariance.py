@@ -114,8 +114,10 @@ def generated_texts(model, tokenizer, settings: CovarianceSettings) -> Iterable[
         pad = tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)  # left-padded for generation
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
-        torch.manual_seed(generator_seed * 100_003 + batch)
-        with torch.no_grad():
+        # generate() samples from the global generator: fork it, so estimating C leaves the run's
+        # random stream where it was (a resumed run reads C from the cache and never draws here).
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            torch.manual_seed(generator_seed * 100_003 + batch)
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_p=0.95, top_k=0, max_new_tokens=settings.text_tokens - 1,
                                  min_new_tokens=settings.text_tokens - 1, pad_token_id=pad)
         for row, e in enumerate(encoded):

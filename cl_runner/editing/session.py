@@ -44,7 +44,8 @@ class EditSession:
         # The weights C is estimated on: those before this run's first edit, also after a resume.
         self.base_fingerprint: str | None = None
 
-    def check_layers(self, model, layers) -> None:
+    def validate(self, model, layers) -> None:
+        """The edited modules exist at ``layers`` and the weights are in a dtype editing works in."""
         for layer in layers:  # a wrong layer or module name fails before any work
             self.modules.mlp_out_module(model, layer)
         dtypes = {p.dtype for p in model.parameters()}

@@ -45,7 +45,7 @@ class MemitEditor(ContinualMethod):
 
     def check_model(self, model) -> None:
         """A wrong layer or module name fails here, before any work (also used on a wrapped model's base)."""
-        self.session.check_layers(model, self.settings.layers)
+        self.session.validate(model, self.settings.layers)
         self.session.modules.layer_module(model, self.settings.layers[-1])
 
     def trainable_parameters(self, model):

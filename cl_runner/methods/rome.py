@@ -49,7 +49,7 @@ class RomeEditor(ContinualMethod):
     def check_model(self, model) -> None:
         """A wrong layer or module name fails here, before any work (also used on a wrapped model's base)."""
         if not self.auto_layer:
-            self.session.check_layers(model, [self.settings.layer])
+            self.session.validate(model, [self.settings.layer])
 
     def _choose_layer(self, model, requests) -> None:
         """``layer: auto``: the layer whose MLP output at the last subject token carries the most of

@@ -278,8 +278,13 @@ def _load_edit_task(task: Task) -> Task:
         if not records:
             raise UserError(f"task '{task.name}': edit_records {list(span)} selects no records")
     task.requests = [SCHEMAS[task.edit_schema](doc, f"task '{task.name}', {source} line {line}") for source, line, doc in records]
-    task.train = task.test = [Example(r.rewrite_prompt, r.target_new) for r in task.requests]
+    task.train = task.test = _edit_examples(task.requests)
     return task
+
+
+def _edit_examples(requests) -> list[Example]:
+    """What a trained method learns from edit requests: rewrite prompt -> new target."""
+    return [Example(r.rewrite_prompt, r.target_new) for r in requests]
 
 
 def edit_batches(task: Task) -> list[Task]:
@@ -291,7 +296,7 @@ def edit_batches(task: Task) -> list[Task]:
     width = max(2, len(str(len(chunks))))
     batches = []
     for index, chunk in enumerate(chunks):
-        examples = [Example(r.rewrite_prompt, r.target_new) for r in chunk]
+        examples = _edit_examples(chunk)
         batches.append(dataclasses.replace(task, name=f"{task.name}_{index + 1:0{width}d}", requests=chunk, train=examples, test=examples, edit_batch_size=None))
     return batches
 
