@@ -33,7 +33,7 @@ class NullLogger:
     def log_step(self, record: dict, task_name: str, step: int) -> None:
         pass
 
-    def log_evaluation(self, row: int, task_names: list[str], scores: list[float], general: float | None, task_scores: list[dict] | None, step: int) -> None:
+    def log_evaluation(self, row: int, task_names: list[str], scores: list[float], general: float | None, task_scores: list[dict] | None, step: int, extra: dict | None = None) -> None:
         pass
 
     def log_results(self, results: dict, heatmap: Path | None, step: int) -> None:
@@ -112,13 +112,14 @@ class WandbLogger:
         data.update({"train/task": task_name, "train/task_step": record.get("step")})
         self._guard("log", lambda: self.run.log(data, step=step))
 
-    def log_evaluation(self, row: int, task_names: list[str], scores: list[float], general: float | None, task_scores: list[dict] | None, step: int) -> None:
+    def log_evaluation(self, row: int, task_names: list[str], scores: list[float], general: float | None, task_scores: list[dict] | None, step: int, extra: dict | None = None) -> None:
         data = {f"eval/{name}": score for name, score in zip(task_names, scores)}
         for name, all_scores in zip(task_names, task_scores or []):
             data.update({f"eval/{name}/{metric}": value for metric, value in all_scores.items()})  # acc and acc_norm
         data["eval/tasks_learnt"] = row
         if general is not None:
             data["eval/general_probe"] = general
+        data.update({f"eval/{name}": value for name, value in (extra or {}).items() if value is not None})  # fluency
         self._guard("log", lambda: self.run.log(data, step=step))
 
     def log_results(self, results: dict, heatmap: Path | None, step: int) -> None:

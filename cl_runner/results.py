@@ -7,7 +7,7 @@ from cl_runner.provenance import git_state, package_versions
 from cl_runner.resources import resource_summary
 
 
-def build_results(task_names, acc_matrix, general, timing, train_stats, config, task_scores=None, invocations=None, method_reports=None) -> dict:
+def build_results(task_names, acc_matrix, general, timing, train_stats, config, task_scores=None, invocations=None, method_reports=None, fluency=None) -> dict:
     """``acc_matrix[t][i]`` holds task i's own metric; ``task_scores[t][i]`` every score it has (``acc`` and ``acc_norm``).
 
     ``versions`` and ``git`` describe the invocation that finished the run; ``invocations``
@@ -21,6 +21,7 @@ def build_results(task_names, acc_matrix, general, timing, train_stats, config, 
         "metrics": all_metrics(acc_matrix, general or None),
         "metric_notes": "row 0 = base model, row t = after task t; acc_matrix holds each task's own metric, task_scores all of them; BWT and FWT in the GEM form (divide by T-1)",
         "general": general,
+        "fluency": list(fluency or []),  # ROME's generation entropy per row (sequences with edit tasks that set it)
         "timing": timing,
         "train": train_stats,
         "resources": resource_summary(train_stats),

@@ -49,6 +49,7 @@ class Row:
     general: float | None  # the general probe
     seconds: float
     report: dict | None = None  # the method's row_report (e.g. task-identification accuracy)
+    fluency: float | None = None  # ROME's generation entropy, for sequences that set task_sequence.fluency
 
 
 @dataclass
@@ -64,6 +65,7 @@ class RunState:
     data: dict = field(default_factory=dict)  # task name -> {"train": hash, "test": hash} (Task.fingerprint)
     invocations: list[dict] = field(default_factory=list)  # provenance.invocation_record() of each invocation
     method_reports: list = field(default_factory=list)  # the method's row_report per row (None where it has none)
+    fluency: list = field(default_factory=list)  # per row, for sequences that measure it
 
     @property
     def tasks_completed(self) -> int:
@@ -105,6 +107,7 @@ class RunState:
         state = cls(
             run_dir, settings, tasks, saved["acc_matrix"], saved["general"], saved["task_scores"], saved["train_stats"], saved["timing"],
             data, saved.get("invocations", []), saved.get("method_reports", [None] * len(saved["acc_matrix"])),
+            saved.get("fluency", []),
         )
         missing = [str(p) for p in state.completed_checkpoints() if not p.is_dir()]
         if missing:
@@ -127,6 +130,8 @@ class RunState:
             self.general.append(row.general)
         self.timing["eval_s"].append(row.seconds)
         self.method_reports.append(row.report)
+        if row.fluency is not None:
+            self.fluency.append(row.fluency)
 
     def commit_task(self, task_index: int, write_checkpoint, row: Row, stats: dict) -> None:
         """Write task ``task_index``'s checkpoint, then record its row: a kill in between leaves no trace."""

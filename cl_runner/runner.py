@@ -26,7 +26,9 @@ from cl_runner.config import build
 from cl_runner.error_file import clear_error_file, write_error_file
 from cl_runner.errors import UserError
 from cl_runner.methods.base import ContinualMethod
+from cl_runner.editing.locality import attach_locality_references
 from cl_runner.evaluation import evaluate_task, evaluate_tasks
+from cl_runner.evaluation.fluency import fluency_settings, generation_fluency
 from cl_runner.formatting import PromptFormatter
 from cl_runner.models import load_model, resolve_device
 from cl_runner.atomic_io import write_json_atomic
@@ -74,13 +76,16 @@ class EventLog:
         line = self.write({"event": "train_step", "task": task_name, **record})
         self.logger.log_step(record, task_name, step=line)
 
-    def evaluation(self, row: int, task_names: list[str], scores: list[float], general: float | None, task_scores: list[dict], report: dict | None = None) -> None:
+    def evaluation(self, row: int, task_names: list[str], scores: list[float], general: float | None, task_scores: list[dict], report: dict | None = None,
+                   fluency: float | None = None) -> None:
         event = {"event": "eval", "tasks_learnt": row, "scores": dict(zip(task_names, scores)), "general_probe": general}
+        if fluency is not None:
+            event["fluency"] = fluency
         event["task_scores"] = dict(zip(task_names, task_scores))
         if report is not None:
             event["method_report"] = report
         line = self.write(event)
-        self.logger.log_evaluation(row, task_names, scores, general, task_scores, step=line)
+        self.logger.log_evaluation(row, task_names, scores, general, task_scores, step=line, extra={"fluency": fluency})
 
 
 def resolved_config(cfg: DictConfig) -> dict:
@@ -126,6 +131,7 @@ class Experiment:
         self.replay = build(cfg.replay, "replay")
         self.logger = build(cfg.logger, "logger")
         self._check_rollback()
+        self.fluency_prompts, self.fluency_tokens = fluency_settings(self.config["task_sequence"], self.tasks)
         self.replay_tasks = self.replay.data_tasks(list(cfg.task_sequence.task_dirs))
         fingerprints = {t.name: t.fingerprint() for t in [*self.tasks, *([self.probe] if self.probe else [])]}
         fingerprints.update({f"replay/{t.name}": t.fingerprint() for t in self.replay_tasks})
@@ -161,6 +167,9 @@ class Experiment:
         self.method.use_tokenizer(tokenizer)
         # Knowledge edits are completions of raw text ("The capital of France is"), not chat turns.
         self.raw_formatter = PromptFormatter(tokenizer, False, None, self.cfg.trainer.max_length)
+        # EasyEdit's locality compares with the unedited model's tokens: taken now, before a resumed run loads its checkpoints.
+        base = lambda index: self.method.eval_members(self.model, 0, index)[0]  # noqa: E731
+        attach_locality_references(self.model, tokenizer, self.tasks, base, self.cfg.eval.batch_size)
         self.replay.setup(self._encode, self.replay_tasks)
         self.events = EventLog(self.run_dir / "train_log.jsonl", self.logger)
         self.loop = TrainingLoop(self.cfg.trainer, self.device, tokenizer.pad_token_id)
@@ -189,9 +198,13 @@ class Experiment:
             # The probe measures the model as deployed after the sequence: the last-learnt weights.
             deployed = members_of(max(0, tasks_learnt - 1))
             general = evaluate_task(self.model, self.formatter, self.probe, batch_size, self.device, deployed, router_of(None))[self.probe.metric]
+        fluency = None
+        if self.fluency_prompts:
+            deployed = members_of(max(0, tasks_learnt - 1))
+            fluency = generation_fluency(self.model, self.raw_formatter, self.fluency_prompts, self.fluency_tokens, batch_size, self.device, deployed)
         report = self.method.row_report(tasks_learnt)
-        self.events.evaluation(tasks_learnt, self.task_names, scores, general, task_scores, report)
-        return Row(scores, task_scores, general, time.perf_counter() - started, report)
+        self.events.evaluation(tasks_learnt, self.task_names, scores, general, task_scores, report, fluency)
+        return Row(scores, task_scores, general, time.perf_counter() - started, report, fluency)
 
     def _learn_task(self, t: int) -> dict:
         task = self.tasks[t]
@@ -274,7 +287,7 @@ class Experiment:
         self.timing["this_invocation_s"] = seconds
         results = build_results(
             self.task_names, self.state.acc_matrix, self.state.general, self.timing, self.state.train_stats, self.config,
-            self.state.task_scores, self.state.invocations, self.state.method_reports,
+            self.state.task_scores, self.state.invocations, self.state.method_reports, self.state.fluency,
         )
         if rolled_back is not None:
             results["rollback"] = rolled_back

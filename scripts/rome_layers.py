@@ -1,6 +1,8 @@
 """ROME, one edit at a time, on facts of the built-in edit set that SmolLM2 knows: CounterFact's
 efficacy, paraphrase and neighbourhood scores per edited layer, with and without the
-covariance (second-moment) adjustment. Each edit is applied, scored and rolled back exactly.
+covariance (second-moment) adjustment, EasyEdit's rewrite accuracy and locality, and the
+fluency of greedy continuations of the fact's generation prompts (the base model's in the
+first row). Each edit is applied, scored and rolled back exactly.
 
     python scripts/rome_layers.py --facts 12 --layers 1 2 3 5 9 --no-cov-layers 2
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -19,9 +22,11 @@ from cl_runner.editing.contexts import context_templates
 from cl_runner.editing.covariance import second_moment, settings_from
 from cl_runner.editing.history import EditHistory
 from cl_runner.editing.layout import ModuleTemplates
-from cl_runner.editing.metrics import aggregate, counterfact_scores
+from cl_runner.editing.metrics import aggregate, counterfact_scores, locality_reference
 from cl_runner.editing.requests import parse_requests
 from cl_runner.editing.rome import RomeSettings, rome_update
+from cl_runner.evaluation.fluency import generation_fluency
+from cl_runner.formatting import PromptFormatter
 from cl_runner.models import default_cache_dir, load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +45,7 @@ def main() -> None:
     parser.add_argument("--facts", type=int, default=12)
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 3, 5, 9])
     parser.add_argument("--no-cov-layers", type=int, nargs="*", default=[2])
+    parser.add_argument("--fluency-tokens", type=int, default=96, help="greedy tokens after each generation prompt")
     args = parser.parse_args()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         model, tokenizer = load_model(compose("config").model)
@@ -47,28 +53,40 @@ def main() -> None:
     requests = known_facts(args.facts)
     templates = context_templates(model, tokenizer)
     modules = ModuleTemplates()
+    raw = PromptFormatter(tokenizer, False, None, 512)
+    reference = locality_reference(model, tokenizer, requests)
+
+    def fluency_of(request) -> float:
+        return generation_fluency(model, raw, list(request.generation_prompts), args.fluency_tokens, 16, "cpu", [nullcontext])
+
+    base_fluency = sum(fluency_of(r) for r in requests) / len(requests)
     rows = [(layer, True) for layer in args.layers] + [(layer, False) for layer in args.no_cov_layers]
-    print("| layer | covariance | efficacy | paraphrase | neighbourhood | score | efficacy magnitude | s per edit |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"{len(requests)} facts; fluency of the unedited model: {base_fluency:.2f}")
+    print("| layer | covariance | efficacy | paraphrase | neighbourhood | score | efficacy magnitude | rewrite acc | locality | fluency | s per edit |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for layer, use_cov in rows:
         cov = second_moment(model, tokenizer, modules.mlp_out_module(model, layer), modules.mlp_out.format(layer), settings_from({}),
                             default_cache_dir() / "covariance") if use_cov else None
         settings = RomeSettings(layer=layer, mom2_adjustment=use_cov)
-        scores, started = [], time.perf_counter()
-        for request in requests:
+        scores, fluencies, seconds = [], [], 0.0
+        for index, request in enumerate(requests):
+            started = time.perf_counter()
             deltas, _ = rome_update(model, tokenizer, request, templates, settings, cov)
+            seconds += time.perf_counter() - started  # the edit itself, not its scoring
             history = EditHistory()
             before = history.snapshot(model, list(deltas))
             with torch.no_grad():
                 for name, delta in deltas.items():
                     model.get_parameter(name).add_(delta)
             history.record(request.case_id, model, before)
-            scores.extend(counterfact_scores(model, tokenizer, [request]))
+            scores.extend(counterfact_scores(model, tokenizer, [request], reference=[reference[index]]))
+            fluencies.append(fluency_of(request))
             assert history.rollback(request.case_id, model)
         total = aggregate(scores)
-        seconds = (time.perf_counter() - started) / len(requests)
+        seconds /= len(requests)
         print(f"| {layer} | {'yes' if use_cov else 'no'} | {total['efficacy']:.2f} | {total['paraphrase']:.2f} | {total['neighborhood']:.2f} | "
-              f"{total['score']:.2f} | {total['efficacy_magnitude']:.2f} | {seconds:.0f} |", flush=True)
+              f"{total['score']:.2f} | {total['efficacy_magnitude']:.2f} | {total['rewrite_acc']:.2f} | {total['locality']:.2f} | "
+              f"{sum(fluencies) / len(fluencies):.2f} | {seconds:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -244,13 +244,16 @@ def test_counterfact_scores_by_hand(monkeypatch):
     assert scores["paraphrase_magnitude"] == pytest.approx(math.exp(-3.0) - math.exp(-1.0))
     assert scores["neighborhood_magnitude"] == pytest.approx(math.exp(-1.5) - math.exp(-4.0))
     assert scores["rewrite_acc"] == 0.5  # argmax [1, 2] against Rome's tokens [1, 3]
+    assert scores["locality"] is None  # no unedited reference given
+    [with_reference] = metrics.counterfact_scores(None, Tokenizer(), [REQUEST], reference=[[[1, 9]]])
+    assert with_reference["locality"] == 0.5  # the neighbour's argmax [1, 2] against the unedited model's [1, 9]
     total = metrics.aggregate([scores, {**scores, "paraphrase": 1.0}])
     assert total["paraphrase"] == 0.5
     assert total["score"] == pytest.approx(3 / (1 / 1.0 + 1 / 0.5 + 1 / 1.0))
 
 
 def test_fluency_is_romes_weighted_ngram_entropy():
-    from cl_runner.editing.metrics import fluency, ngram_entropy
+    from cl_runner.evaluation.fluency import fluency, ngram_entropy
 
     assert ngram_entropy("a b a b", 2) == pytest.approx(-(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3)))  # ab, ba, ab
     assert ngram_entropy("a a a a", 3) == 0.0
@@ -331,8 +334,11 @@ def test_rollback_after_the_sequence_gives_back_the_earlier_row_exactly(tmp_path
     from conftest import compose_config
 
     overrides = ["experiment=smoke", "logger=none", "method=rome", "method.layer=0", "method.v_num_grad_steps=5", "method.covariance.tokens=2000", "task_sequence.train_size=4",
-                 "task_sequence.tasks=[{include: counterfact_batches, name: cf, edit_batch_size: 2}]", "task_sequence.general_probe=null", "rollback=[cf_02]"]
+                 "task_sequence.tasks=[{include: counterfact_batches, name: cf, edit_batch_size: 2}]", "task_sequence.general_probe=null", "rollback=[cf_02]",
+                 "+task_sequence.fluency={prompts: 3, max_new_tokens: 6}"]
     results = run(compose_config(overrides), tmp_path)
+    assert all(scores["locality"] == 1.0 for scores in results["task_scores"][0])  # the base model against its own tokens
+    assert len(results["fluency"]) == 3 and all(f > 0 for f in results["fluency"])  # every row, base included
     assert results["rollback"]["bit_exact"] == {"cf_02": True}
     assert results["rollback"]["scores"] == results["acc_matrix"][1]
     assert results["rollback"]["task_scores"] == results["task_scores"][1]
@@ -422,3 +428,15 @@ def test_generated_corpus_is_seeded_and_leaves_the_runs_random_stream_alone(tiny
     first = texts()
     assert torch.equal(torch.rand(3), untouched)
     assert texts() == first and all(len(t) >= 6 for t in first)
+
+
+@pytest.mark.parametrize("setting", ["{prompts: -1}", "{prompts: 2, tokens: 5}", "{prompts: two}"])
+def test_bad_fluency_settings_are_one_line(setting, tmp_path):
+    from cl_runner.runner import run
+    from cl_runner.errors import UserError
+    from conftest import compose_config
+
+    overrides = ["experiment=smoke", "logger=none", "method=rome", "method.layer=0", "task_sequence.train_size=2",
+                 "task_sequence.tasks=[counterfacts]", f"+task_sequence.fluency={setting}"]
+    with pytest.raises(UserError, match="task_sequence.fluency"):
+        run(compose_config(overrides), tmp_path)

@@ -16,7 +16,8 @@ SHORT = ["experiment=smoke", *QUIET, "logger=none", "trainer.max_steps=6", "task
 
 # Editors learn edit tasks: six built-in edits in three tasks of two (cf_1, cf_2, cf_3).
 EDITS = ["experiment=smoke", *QUIET, "logger=none", "task_sequence.train_size=6", "task_sequence.probe_size=4",
-         "task_sequence.tasks=[{include: counterfact_batches, name: cf, edit_batch_size: 2}]", "method.v_num_grad_steps=5", "method.covariance.tokens=2000"]
+         "task_sequence.tasks=[{include: counterfact_batches, name: cf, edit_batch_size: 2}]", "method.v_num_grad_steps=5", "method.covariance.tokens=2000",
+         "+task_sequence.fluency={prompts: 2, max_new_tokens: 8}"]
 
 
 # Edit + LoRA: a knowledge task, then two skills (the kill lands in the last one).
@@ -59,6 +60,8 @@ def test_kill_mid_task_then_resume_matches_uninterrupted(method, tmp_path):
     assert got["acc_matrix"] == want["acc_matrix"]
     assert got["metrics"] == want["metrics"]
     assert got["general"] == want["general"]
+    assert got["task_scores"] == want["task_scores"]  # edit tasks: locality against the reference the first invocation kept
+    assert got["fluency"] == want["fluency"]
     assert got["timing"]["train_s"][:2] == trained_before_kill  # tasks 1-2 were not trained again
     assert [s["final_loss"] for s in got["train"]] == [s["final_loss"] for s in want["train"]]
     events = [json.loads(l) for l in (killed_dir / "train_log.jsonl").read_text().splitlines()]

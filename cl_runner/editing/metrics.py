@@ -8,13 +8,12 @@ CounterFact (ROME / MEMIT papers), from the mean per-token NLL of " target_new" 
   prefer the true target;
 - magnitudes: p_new - p_true (ES, PS) and p_true - p_new (NS), p = exp(-NLL);
 - score: the harmonic mean of ES, PS and NS;
-- fluency: the weighted bigram/trigram entropy of greedy generations, (2/3 H2 + 4/3 H3) / 2, log2.
+- (fluency, ROME's generation entropy, is a row-level measure: cl_runner/evaluation/fluency.py.)
 
 EasyEdit (teacher forced, token level): rewrite accuracy and rephrase accuracy, the share of
 target_new's tokens that are the argmax after the prompt's text and the target's earlier
-tokens. (EasyEdit's locality, the share of a neighbourhood answer's argmax tokens the edit
-left unchanged, needs the unedited model's tokens: not computed yet. ``fluency`` is here but
-not yet part of a run's scores.)
+tokens; locality, the share of the argmax tokens over each neighbourhood prompt's kept answer
+that equal the unedited model's (:func:`locality_reference`, computed once before the first edit).
 
 Each score is a pure function of numbers computed by the model-facing helpers below.
 """
@@ -22,8 +21,6 @@ Each score is a pure function of numbers computed by the model-facing helpers be
 from __future__ import annotations
 
 import math
-import re
-from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -69,24 +66,25 @@ def token_accuracy(predicted: Sequence[int], wanted: Sequence[int]) -> float:
     return sum(p == w for p, w in zip(predicted, wanted)) / len(wanted)
 
 
-def ngram_entropy(text: str, n: int) -> float:
-    """Entropy (bits) of the frequency distribution of the text's word n-grams."""
-    words = re.findall(r"\w+|[^\w\s]", text.lower())
-    grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-    total = sum(grams.values())
-    return -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
+def _neighbourhood_pairs(requests) -> list[tuple[int, str, str]]:
+    return [(index, prompt, kept) for index, request in enumerate(requests) for prompt, kept in request.neighborhood if kept is not None]
 
 
-def fluency(texts: Sequence[str]) -> float | None:
-    """ROME's generation entropy: the mean over texts of (2/3 H2 + 4/3 H3) / 2."""
-    if not texts:
-        return None
-    return sum((2 / 3 * ngram_entropy(t, 2) + 4 / 3 * ngram_entropy(t, 3)) / 2 for t in texts) / len(texts)
+def locality_reference(model, tokenizer, requests, batch_size: int = 16) -> list[list[list[int]]]:
+    """Per request, per neighbourhood prompt: the argmax tokens over the answer it keeps, teacher
+    forced (EasyEdit's pre-edit locality output). Computed on the unedited model."""
+    pairs = _neighbourhood_pairs(requests)
+    scored = teacher_forced(model, tokenizer, [p for _, p, _ in pairs], [k for _, _, k in pairs], batch_size) if pairs else []
+    reference: list[list[list[int]]] = [[] for _ in requests]
+    for (index, _, _), (_, argmax) in zip(pairs, scored):
+        reference[index].append(argmax)
+    return reference
 
 
-def counterfact_scores(model, tokenizer, requests, batch_size: int = 16) -> list[dict[str, float | None]]:
-    """Per request: efficacy, paraphrase and neighbourhood success and magnitude, and the
-    EasyEdit token accuracies of target_new on the rewrite prompt and the paraphrases."""
+def counterfact_scores(model, tokenizer, requests, batch_size: int = 16, reference: Sequence[Sequence[Sequence[int]]] | None = None) -> list[dict[str, float | None]]:
+    """Per request: efficacy, paraphrase and neighbourhood success and magnitude, the EasyEdit
+    token accuracies of target_new on the rewrite prompt and the paraphrases, and (given the
+    unedited model's :func:`locality_reference`) EasyEdit's locality."""
     prompts, targets, owners = [], [], []
     for index, request in enumerate(requests):
         # (prompt, the answer it should keep): the neighbours keep their own (CounterFact: target_true)
@@ -104,7 +102,13 @@ def counterfact_scores(model, tokenizer, requests, batch_size: int = 16) -> list
     per_request: list[dict[str, list]] = [{} for _ in requests]
     for (index, kind, which), (nll, argmax), target in zip(owners, scored, targets):
         per_request[index].setdefault(f"{kind}_{which}", []).append((nll, argmax, target_ids(tokenizer, target)))
-    return [_request_scores(parts) for parts in per_request]
+    scores = [_request_scores(parts) for parts in per_request]
+    for index, request_scores in enumerate(scores):
+        # the neighbours' kept answers were scored in _neighbourhood_pairs' order
+        kept = [argmax for _, argmax, _ in per_request[index].get("neighborhood_true", [])]
+        before = reference[index] if reference is not None else []
+        request_scores["locality"] = mean([token_accuracy(now, then) for now, then in zip(kept, before)]) if kept and before else None
+    return scores
 
 
 def _request_scores(parts: dict[str, list]) -> dict[str, float | None]:
@@ -134,13 +138,13 @@ def aggregate(per_request: Sequence[dict[str, float | None]]) -> dict[str, float
     return totals
 
 
-def edit_task_scores(model, tokenizer, requests, members, batch_size: int = 16) -> dict[str, float]:
+def edit_task_scores(model, tokenizer, requests, members, batch_size: int = 16, reference=None) -> dict[str, float]:
     """An edit task's scores on one row of the matrix: :func:`aggregate` over its requests
     (CounterFact's score as ``edit_score``), under each member's weights, averaged over members."""
     per_member = []
     for member in members:
         with member():
-            per_member.append(aggregate(counterfact_scores(model, tokenizer, requests, batch_size)))
+            per_member.append(aggregate(counterfact_scores(model, tokenizer, requests, batch_size, reference)))
     scores = {}
     for key in per_member[0]:
         values = [m[key] for m in per_member if m[key] is not None]

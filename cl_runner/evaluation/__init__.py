@@ -41,7 +41,7 @@ def evaluate_task(model, formatter: PromptFormatter, task: Task, batch_size: int
     if task.type == "edit":  # knowledge edits: CounterFact's and EasyEdit's scores (cl_runner/editing/metrics.py)
         from cl_runner.editing.metrics import edit_task_scores
 
-        return edit_task_scores(model, formatter.tokenizer, task.requests, members, batch_size)
+        return edit_task_scores(model, formatter.tokenizer, task.requests, members, batch_size, task.locality_reference)
     was_training = model.training
     model.eval()
     try:

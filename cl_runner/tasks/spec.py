@@ -78,6 +78,9 @@ class Task:
     # ({"input_ids", "attention_mask"}), for methods that derive something from them before or
     # after training (InfLoRA's input covariance, CoLoR's prototypes).
     input_batches: Callable[[], Iterator[dict]] | None = field(default=None, repr=False, compare=False)
+    # Set by the runner for edit tasks: the unedited model's argmax tokens over each neighbourhood
+    # prompt's kept answer, which EasyEdit's locality compares against (editing/locality.py).
+    locality_reference: list | None = field(default=None, repr=False, compare=False)
 
     @property
     def answer_reserve(self) -> int:
@@ -97,7 +100,7 @@ class Task:
         return prints
 
 
-_TASK_KEYS = {f.name for f in fields(Task)} - {"train", "test", "input_batches", "requests"}
+_TASK_KEYS = {f.name for f in fields(Task)} - {"train", "test", "input_batches", "requests", "locality_reference"}
 
 
 def _did_you_mean(key: str, options: set[str]) -> str:
