@@ -2,12 +2,17 @@
 
     cl-runner-report outputs/multirun                    # every run under the folder
     cl-runner-report outputs/multirun --split task_sequence
+    cl-runner-report outputs/multirun/experiment=edit_stream* --table edits
 
 A run is named by its command-line overrides (``<run dir>/.hydra/overrides.yaml``) less those
 that cannot change results; runs whose names differ only in ``seed`` form one row. Within a
 table, overrides every row shares are left out of the row names (and printed above the
 table). Runs without ``results.json`` are listed under the tables as unfinished or failed
 (``error.txt`` holds the reason), never silently dropped.
+
+``--table edits`` gives knowledge-editing runs their own columns, from the edit tasks' scores:
+immediate (task t's scores right after it was learnt, the matrix's diagonal) and retention (the
+last row), averaged over the edit tasks, with EasyEdit's locality and the change in fluency.
 """
 
 from __future__ import annotations
@@ -63,6 +68,35 @@ COLUMNS = (
     Column("peak memory (GB)", _resource("peak_memory_bytes"), ".2f", 1e-9),
     Column("s per task", _resource("seconds_per_task"), ".0f"),
 )
+
+
+def _edit_score(name: str, retention: bool) -> Callable[[dict], float | None]:
+    def value(results: dict) -> float | None:
+        rows = results.get("task_scores") or []
+        edits = [i for i, scores in enumerate(rows[0] if rows else []) if "rewrite_acc" in scores]  # every edit task has it
+        if len(rows) < 2 or not edits:
+            return None
+        picked = [(rows[-1] if retention else rows[i + 1])[i].get(name) for i in edits]
+        present = [v for v in picked if v is not None]
+        return statistics.fmean(present) if present else None
+
+    return value
+
+
+def _fluency_delta(results: dict) -> float | None:
+    fluency = results.get("fluency") or []
+    return fluency[-1] - fluency[0] if len(fluency) > 1 else None
+
+
+EDIT_COLUMNS = (
+    *(Column(f"{title} (imm.)", _edit_score(name, False), ".3f") for title, name in (("efficacy", "efficacy"), ("paraphrase", "paraphrase"), ("neighbourhood", "neighborhood"), ("score", "edit_score"))),
+    *(Column(f"{title} (ret.)", _edit_score(name, True), ".3f") for title, name in (("efficacy", "efficacy"), ("paraphrase", "paraphrase"), ("neighbourhood", "neighborhood"), ("score", "edit_score"))),
+    Column("locality (ret.)", _edit_score("locality", True)),
+    Column("general Δ", _metric("general_delta"), ".2f"),
+    Column("fluency Δ", _fluency_delta, ".2f"),
+    Column("s per task", _resource("seconds_per_task"), ".0f"),
+)
+TABLES = {"default": COLUMNS, "edits": EDIT_COLUMNS}
 
 
 def read_overrides(run_dir: Path) -> dict[str, str]:
@@ -126,7 +160,7 @@ def markdown_table(records: Sequence[RunRecord], columns: Sequence[Column] = COL
     return "\n".join(lines)
 
 
-def report(records: Sequence[RunRecord], split: str | None = None) -> str:
+def report(records: Sequence[RunRecord], split: str | None = None, columns: Sequence[Column] = COLUMNS) -> str:
     """Markdown tables (one per value of ``split``, if given) and the list of runs without results."""
     parts = []
     values = sorted({r.overrides.get(split, "-") for r in records}) if split else [None]
@@ -134,7 +168,7 @@ def report(records: Sequence[RunRecord], split: str | None = None) -> str:
         chosen = [r for r in records if value is None or r.overrides.get(split, "-") == value]
         if value is not None:
             parts.append(f"### {split}={value}\n")
-        parts.append(markdown_table(chosen) + "\n")
+        parts.append(markdown_table(chosen, columns) + "\n")
     missing = [r for r in records if r.results is None]
     if missing:
         parts.append(f"{len(missing)} run(s) without results.json:")
@@ -146,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cl-runner-report", description="Mean ± std over seeds of every run's results.json under the given folders.")
     parser.add_argument("folders", nargs="+", type=Path, help="sweep or run folders (searched recursively)")
     parser.add_argument("--split", default=None, help="one table per value of this override, e.g. task_sequence")
+    parser.add_argument("--table", default="default", choices=sorted(TABLES), help="columns: default (the matrix metrics and resources) or edits (editing scores)")
     args = parser.parse_args(argv)
     absent = [str(f) for f in args.folders if not f.is_dir()]
     if absent:
@@ -153,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     records = find_runs(args.folders)
     if not records:
         sys.exit(f"cl-runner-report: error: no run folders (with state.json or results.json) under {', '.join(map(str, args.folders))}")
-    print(report(records, args.split))
+    print(report(records, args.split, TABLES[args.table]))
 
 
 if __name__ == "__main__":

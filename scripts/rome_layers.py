@@ -4,7 +4,10 @@ covariance (second-moment) adjustment, EasyEdit's rewrite accuracy and locality,
 fluency of greedy continuations of the fact's generation prompts (the base model's in the
 first row). Each edit is applied, scored and rolled back exactly.
 
-    python scripts/rome_layers.py --facts 12 --layers 1 2 3 5 9 --no-cov-layers 2
+    python scripts/rome_layers.py --facts 12 --layers 1 2 3 5 9 --no-cov-layers 2 --out rome_layers.jsonl
+
+With ``--out``, each finished row is appended to that file and a rerun skips the rows it holds
+(the whole table takes hours on 2 CPU cores, so it may span several invocations).
 """
 
 from __future__ import annotations
@@ -46,11 +49,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 3, 5, 9])
     parser.add_argument("--no-cov-layers", type=int, nargs="*", default=[2])
     parser.add_argument("--fluency-tokens", type=int, default=96, help="greedy tokens after each generation prompt")
+    parser.add_argument("--out", type=Path, default=None, help="JSONL of finished rows: appended to, and rows in it are not computed again")
     args = parser.parse_args()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         model, tokenizer = load_model(compose("config").model)
     model.eval()
     requests = known_facts(args.facts)
+    done = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out and args.out.exists() else []
+    done = [row for row in done if row["facts"] == args.facts and row["fluency_tokens"] == args.fluency_tokens]
     templates = context_templates(model, tokenizer)
     modules = ModuleTemplates()
     raw = PromptFormatter(tokenizer, False, None, 512)
@@ -65,28 +71,42 @@ def main() -> None:
     print("| layer | covariance | efficacy | paraphrase | neighbourhood | score | efficacy magnitude | rewrite acc | locality | fluency | s per edit |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for layer, use_cov in rows:
-        cov = second_moment(model, tokenizer, modules.mlp_out_module(model, layer), modules.mlp_out.format(layer), settings_from({}),
-                            default_cache_dir() / "covariance") if use_cov else None
-        settings = RomeSettings(layer=layer, mom2_adjustment=use_cov)
-        scores, fluencies, seconds = [], [], 0.0
-        for index, request in enumerate(requests):
-            started = time.perf_counter()
-            deltas, _ = rome_update(model, tokenizer, request, templates, settings, cov)
-            seconds += time.perf_counter() - started  # the edit itself, not its scoring
-            history = EditHistory()
-            before = history.snapshot(model, list(deltas))
-            with torch.no_grad():
-                for name, delta in deltas.items():
-                    model.get_parameter(name).add_(delta)
-            history.record(request.case_id, model, before)
-            scores.extend(counterfact_scores(model, tokenizer, [request], reference=[reference[index]]))
-            fluencies.append(fluency_of(request))
-            assert history.rollback(request.case_id, model)
-        total = aggregate(scores)
-        seconds /= len(requests)
-        print(f"| {layer} | {'yes' if use_cov else 'no'} | {total['efficacy']:.2f} | {total['paraphrase']:.2f} | {total['neighborhood']:.2f} | "
-              f"{total['score']:.2f} | {total['efficacy_magnitude']:.2f} | {total['rewrite_acc']:.2f} | {total['locality']:.2f} | "
-              f"{sum(fluencies) / len(fluencies):.2f} | {seconds:.0f} |", flush=True)
+        finished = next((row for row in done if row["layer"] == layer and row["covariance"] == use_cov), None)
+        if finished is None:
+            finished = edit_row(model, tokenizer, requests, templates, modules, reference, fluency_of, layer, use_cov)
+            if args.out:
+                with args.out.open("a") as handle:
+                    handle.write(json.dumps({**finished, "facts": args.facts, "fluency_tokens": args.fluency_tokens}) + "\n")
+        print(markdown_row(finished), flush=True)
+
+
+def markdown_row(row: dict) -> str:
+    cells = [row["layer"], "yes" if row["covariance"] else "no", *(f"{row[k]:.2f}" for k in (
+        "efficacy", "paraphrase", "neighborhood", "score", "efficacy_magnitude", "rewrite_acc", "locality", "fluency")), f"{row['seconds_per_edit']:.0f}"]
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def edit_row(model, tokenizer, requests, templates, modules, reference, fluency_of, layer: int, use_cov: bool) -> dict:
+    """Edit each fact alone at ``layer``, score it, roll it back; the means over the facts."""
+    cov = second_moment(model, tokenizer, modules.mlp_out_module(model, layer), modules.mlp_out.format(layer), settings_from({}),
+                        default_cache_dir() / "covariance") if use_cov else None
+    settings = RomeSettings(layer=layer, mom2_adjustment=use_cov)
+    scores, fluencies, seconds = [], [], 0.0
+    for index, request in enumerate(requests):
+        started = time.perf_counter()
+        deltas, _ = rome_update(model, tokenizer, request, templates, settings, cov)
+        seconds += time.perf_counter() - started  # the edit itself, not its scoring
+        history = EditHistory()
+        before = history.snapshot(model, list(deltas))
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                model.get_parameter(name).add_(delta)
+        history.record(request.case_id, model, before)
+        scores.extend(counterfact_scores(model, tokenizer, [request], reference=[reference[index]]))
+        fluencies.append(fluency_of(request))
+        assert history.rollback(request.case_id, model)
+    total = aggregate(scores)
+    return {"layer": layer, "covariance": use_cov, **total, "fluency": sum(fluencies) / len(fluencies), "seconds_per_edit": seconds / len(requests)}
 
 
 if __name__ == "__main__":

@@ -257,6 +257,7 @@ def test_fluency_is_romes_weighted_ngram_entropy():
 
     assert ngram_entropy("a b a b", 2) == pytest.approx(-(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3)))  # ab, ba, ab
     assert ngram_entropy("a a a a", 3) == 0.0
+    assert ngram_entropy("A a A a", 2) == ngram_entropy("a b a b", 2)  # case kept, as ROME does
     text = "one two three four"
     assert fluency([text]) == pytest.approx((2 / 3 * math.log2(3) + 4 / 3 * math.log2(2)) / 2)
 
@@ -430,7 +431,7 @@ def test_generated_corpus_is_seeded_and_leaves_the_runs_random_stream_alone(tiny
     assert texts() == first and all(len(t) >= 6 for t in first)
 
 
-@pytest.mark.parametrize("setting", ["{prompts: -1}", "{prompts: 2, tokens: 5}", "{prompts: two}"])
+@pytest.mark.parametrize("setting", ["{prompts: -1}", "{prompts: 2, tokens: 5}", "{prompts: two}", "20", "{prompts: 2, max_new_tokens: 0}"])
 def test_bad_fluency_settings_are_one_line(setting, tmp_path):
     from cl_runner.runner import run
     from cl_runner.errors import UserError
@@ -440,3 +441,63 @@ def test_bad_fluency_settings_are_one_line(setting, tmp_path):
                  "task_sequence.tasks=[counterfacts]", f"+task_sequence.fluency={setting}"]
     with pytest.raises(UserError, match="task_sequence.fluency"):
         run(compose_config(overrides), tmp_path)
+
+
+def test_locality_pairs_each_neighbour_with_its_own_reference_tokens(monkeypatch):
+    """Two requests with two neighbours each; the fake model's argmax depends on the prompt, so a
+    neighbour compared with another's reference tokens would score differently."""
+    from cl_runner.editing import metrics
+    from cl_runner.editing.requests import EditRequest
+
+    requests = [EditRequest("a", "The capital of {} is", "France", "Rome", "Paris", neighborhood=(("N1", "Paris"), ("N2", "Paris"))),
+                EditRequest("b", "The capital of {} is", "Spain", "Rome", "Madrid", neighborhood=(("N3", "Madrid"), ("N4", "Madrid")))]
+    argmax = {"N1": [1, 1], "N2": [2, 2], "N3": [3, 3], "N4": [4, 4]}
+
+    def fake_teacher_forced(model, tokenizer, prompts, targets, batch_size=16):
+        return [(1.0, argmax.get(p, [0, 0])) for p in prompts]
+
+    class Tokenizer:
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [7, 8]}
+
+        def decode(self, ids):
+            return "x"
+
+    monkeypatch.setattr(metrics, "teacher_forced", fake_teacher_forced)
+    reference = metrics.locality_reference(None, Tokenizer(), requests)
+    assert reference == [[[1, 1], [2, 2]], [[3, 3], [4, 4]]]
+    assert [s["locality"] for s in metrics.counterfact_scores(None, Tokenizer(), requests, reference=reference)] == [1.0, 1.0]
+    argmax["N4"] = [4, 9]  # the edit moved one of N4's two tokens
+    assert [s["locality"] for s in metrics.counterfact_scores(None, Tokenizer(), requests, reference=reference)] == [1.0, 0.75]
+    with pytest.raises(ValueError, match="neighbours"):
+        metrics.counterfact_scores(None, Tokenizer(), requests, reference=[reference[0], reference[1][:1]])
+
+
+def test_fluency_prompts_are_spread_over_the_requests():
+    from types import SimpleNamespace
+
+    from cl_runner.evaluation.fluency import fluency_prompts
+
+    task = SimpleNamespace(type="edit", requests=[SimpleNamespace(generation_prompts=(f"p{i}", "x")) for i in range(10)])
+    assert fluency_prompts([task], 4) == ["p0", "p2", "p5", "p7"]
+    assert fluency_prompts([task], 20) == [f"p{i}" for i in range(10)]
+    assert fluency_prompts([SimpleNamespace(type="qa", requests=[])], 4) == []
+
+
+def test_fluency_generates_in_eval_mode_and_restores_the_mode(tiny_model_and_tokenizer):
+    """A row after a trained task must generate as row 0 does: no dropout."""
+    from contextlib import nullcontext
+
+    from cl_runner.evaluation.fluency import generation_fluency
+    from cl_runner.formatting import PromptFormatter
+
+    model, tokenizer = tiny_model_and_tokenizer
+    modes = []
+    handle = model.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    model.train()
+    try:
+        value = generation_fluency(model, PromptFormatter(tokenizer, False, None, 64), ["The capital of France is"], 4, 4, "cpu", [nullcontext])
+    finally:
+        handle.remove()
+    assert value is not None and modes and not any(modes)
+    assert model.training

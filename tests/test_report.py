@@ -73,3 +73,28 @@ def test_a_single_row_keeps_its_name(tmp_path):
     fake_run(tmp_path, ["recipe=a", "seed=0"], acc=0.5)
     fake_run(tmp_path, ["recipe=a", "seed=1"], acc=0.5)
     assert "| `recipe=a` | 0,1 |" in markdown_table(find_runs([tmp_path]))
+
+
+def test_edit_table_reads_immediate_scores_from_the_diagonal_and_retention_from_the_last_row(tmp_path):
+    from cl_runner.report import EDIT_COLUMNS
+
+    directory = fake_run(tmp_path, ["method=memit", "seed=0"], acc=0.5)
+    edit = lambda es, loc: {"efficacy": es, "paraphrase": es / 2, "neighborhood": 0.8, "edit_score": es, "locality": loc, "rewrite_acc": es}  # noqa: E731
+    skill = {"acc": 0.3}
+    results = json.loads((directory / "results.json").read_text())
+    results["task_scores"] = [  # rows: base, after e1, after skill, after e2
+        [edit(0.1, 1.0), skill, edit(0.2, 1.0)],
+        [edit(1.0, 0.9), skill, edit(0.2, 0.9)],
+        [edit(0.9, 0.8), skill, edit(0.3, 0.8)],
+        [edit(0.6, 0.7), skill, edit(0.8, 0.6)],
+    ]
+    results["fluency"] = [5.0, 4.9, 4.5, 4.0]
+    (directory / "results.json").write_text(json.dumps(results))
+    table = markdown_table(find_runs([tmp_path]), EDIT_COLUMNS)
+    cells = [c.strip() for c in table.splitlines()[-1].split("|")[2:-1]]
+    titles = [c.title for c in EDIT_COLUMNS]
+    assert cells[1 + titles.index("efficacy (imm.)")] == "0.900"  # e1 after e1 (1.0) and e2 after e2 (0.8)
+    assert cells[1 + titles.index("efficacy (ret.)")] == "0.700"  # last row: 0.6 and 0.8
+    assert cells[1 + titles.index("paraphrase (ret.)")] == "0.350"
+    assert cells[1 + titles.index("locality (ret.)")] == "0.650"
+    assert cells[1 + titles.index("fluency Δ")] == "-1.00"

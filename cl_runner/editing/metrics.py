@@ -107,6 +107,8 @@ def counterfact_scores(model, tokenizer, requests, batch_size: int = 16, referen
         # the neighbours' kept answers were scored in _neighbourhood_pairs' order
         kept = [argmax for _, argmax, _ in per_request[index].get("neighborhood_true", [])]
         before = reference[index] if reference is not None else []
+        if kept and before and len(kept) != len(before):
+            raise ValueError(f"locality reference of request {index} has {len(before)} neighbours, the request {len(kept)}")
         request_scores["locality"] = mean([token_accuracy(now, then) for now, then in zip(kept, before)]) if kept and before else None
     return scores
 

@@ -1,5 +1,11 @@
 """Fluency: ROME's generation entropy, the weighted bigram/trigram entropy of greedy continuations.
 
+As ROME computes it, over the words (and punctuation marks) of prompt + continuation, case
+kept; unlike ROME, which samples top-5 continuations of at most 100 tokens in all, the
+continuations are greedy (as EasyEdit's) and ``max_new_tokens`` long, so the figures compare
+with each other (rows, methods), not with published ones. With several members (an ensemble)
+the figure is the mean of each member's.
+
 Repetitive text ("Paris Paris Paris ...") has low n-gram entropy: an edit that breaks the model's
 language shows up here before it shows up in any accuracy. Measured on every row of the matrix
 for sequences that set ``fluency`` (prompts from their edit requests' ``generation_prompts``),
@@ -11,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from cl_runner.evaluation.generation import generate
 from cl_runner.errors import UserError
@@ -20,7 +26,7 @@ from cl_runner.tasks import Example
 
 def ngram_entropy(text: str, n: int) -> float:
     """Entropy (bits) of the frequency distribution of the text's word n-grams."""
-    words = re.findall(r"\w+|[^\w\s]", text.lower())
+    words = re.findall(r"\w+|[^\w\s]", text)
     grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
     total = sum(grams.values())
     return -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
@@ -38,10 +44,15 @@ def generation_fluency(model, raw_formatter, prompts: Sequence[str], max_new_tok
     members that answer together (one for most methods)."""
     examples = [Example(p, "") for p in prompts]
     per_member = []
-    for member in members:
-        with member():
-            continuations = generate(model, raw_formatter, examples, max_new_tokens, batch_size, device)
-        per_member.append(fluency([f"{p} {c}" for p, c in zip(prompts, continuations)]))
+    was_training = model.training
+    model.eval()  # no dropout: a row after a trained task must generate as row 0 does
+    try:
+        for member in members:
+            with member():
+                continuations = generate(model, raw_formatter, examples, max_new_tokens, batch_size, device)
+            per_member.append(fluency([f"{p} {c}" for p, c in zip(prompts, continuations)]))
+    finally:
+        model.train(was_training)
     return sum(per_member) / len(per_member) if per_member else None
 
 
@@ -50,17 +61,19 @@ def fluency_prompts(tasks, count: int) -> list[str]:
     available = [r.generation_prompts[0] for t in tasks if t.type == "edit" for r in t.requests if r.generation_prompts]
     if count <= 0 or not available:
         return []
-    step = max(1, len(available) // count)
-    return available[::step][:count]
+    count = min(count, len(available))
+    return [available[i * len(available) // count] for i in range(count)]
 
 
 def fluency_settings(sequence: dict, tasks) -> tuple[list[str], int]:
     """The prompts and continuation length ``task_sequence.fluency: {prompts, max_new_tokens}`` asks for ([] when unset)."""
     settings = sequence.get("fluency") or {}
-    unknown = set(settings) - {"prompts", "max_new_tokens"}
+    wanted = f"task_sequence.fluency must be {{prompts: N >= 0, max_new_tokens: M >= 1}}, got {settings!r}"
+    if not isinstance(settings, Mapping) or set(settings) - {"prompts", "max_new_tokens"}:
+        raise UserError(wanted)
     count, tokens = settings.get("prompts", 0), settings.get("max_new_tokens", 96)
-    if unknown or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (count, tokens)):
-        raise UserError(f"task_sequence.fluency must be {{prompts: N, max_new_tokens: M}} with non-negative integers, got {settings}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (count, tokens)) or count < 0 or tokens < 1:
+        raise UserError(wanted)
     prompts = fluency_prompts(tasks, count)
     if count and not prompts:
         raise UserError("task_sequence.fluency: no edit task in this sequence has generation_prompts to measure fluency on")

@@ -22,7 +22,7 @@ from cl_runner.methods.base import ContinualMethod
 class MemitEditor(ContinualMethod):
     def __init__(self, layers=(1, 2, 3, 4, 5), v_num_grad_steps: int = 25, v_lr: float = 0.5, v_weight_decay: float = 1e-3,
                  clamp_norm_factor: float = 4.0, kl_factor: float = 0.0625, mom2_update_weight: float = 15000.0, null_space: bool = False,
-                 nullspace_threshold: float = 2e-2, l2: float = 10.0, covariance: dict | None = None, context_lengths=((5, 10), (10, 10)),
+                 nullspace_threshold: float = 2e-2, l2: float = 10.0, covariance: dict | None = None, context_lengths=((10, 5),),
                  modules: dict | None = None, cache_dir: str | None = None):
         layers = tuple(layers)
         if not layers or any(not isinstance(l, int) or l < 0 for l in layers) or list(layers) != sorted(set(layers)):
