@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -43,6 +45,8 @@ def invocation_record(device: str, tasks_completed: int) -> dict:
         "device": device,
         "num_threads": torch.get_num_threads(),
         "tasks_completed_at_start": tasks_completed,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),  # None outside SLURM; a requeued job keeps its id
+        "command": list(sys.argv),
         "versions": package_versions(),
         "git": git_state(),
     }
