@@ -91,6 +91,9 @@ def main() -> None:
     # A W&B service inherited from a parent process (a notebook, a launcher, a test runner)
     # outlives our run: after a kill it still holds the run id, and the resumed run is refused.
     os.environ.pop("WANDB_SERVICE", None)
+    group = sweep.sweep_group(sys.argv[1:])
+    if group:
+        os.environ.setdefault(sweep.SWEEP_GROUP_ENV, group)
     _hydra_main()
     summary = sweep.failure_summary()
     if summary:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from cl_runner.atomic_io import write_json_atomic
 from cl_runner.errors import UserError
+from cl_runner.sweep import SWEEP_GROUP_ENV
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class WandbLogger:
 
             self.run = wandb.init(
                 project=self.project, entity=self.entity, mode=self.mode, dir=str(run_dir), name=run_name,
-                config=config, tags=self.tags, group=self.group, reinit="finish_previous",
+                config=config, tags=self.tags, group=self.group or os.environ.get(SWEEP_GROUP_ENV), reinit="finish_previous",
                 id=wandb_run_id(run_dir), resume="allow", settings=wandb.Settings(init_timeout=self.init_timeout),
             )
 

@@ -10,12 +10,14 @@ where the outcomes are collected.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cl_runner.config import is_resume_safe
 from cl_runner.error_file import debug_enabled
 from cl_runner.errors import one_line
 
@@ -49,3 +51,21 @@ def failure_summary() -> str | None:
     if not failed:
         return None
     return f"cl-runner: {len(failed)} of {len(OUTCOMES)} jobs failed: " + ", ".join(str(o.run_dir) for o in failed)
+
+
+# Set by the sweep's own process, read by each job's W&B logger (SLURM jobs inherit it too).
+SWEEP_GROUP_ENV = "CL_RUNNER_SWEEP_GROUP"
+WANDB_GROUP_LIMIT = 128  # characters W&B accepts in a group name
+
+
+def sweep_group(argv: list[str]) -> str | None:
+    """The W&B group of a sweep's runs: its command-line overrides (less the launcher's and those
+    that cannot change results), so rerunning the same sweep puts its runs in the same group."""
+    if not any(a in ("-m", "--multirun") for a in argv):
+        return None
+    overrides = sorted(a for a in argv if "=" in a and not a.startswith(("hydra", "-"))
+                       and not is_resume_safe(a.split("=", 1)[0].lstrip("+~")))
+    name = "sweep: " + (" ".join(overrides) or "defaults")
+    if len(name) > WANDB_GROUP_LIMIT:  # cut, with a digest of the whole so two long sweeps stay apart
+        name = name[: WANDB_GROUP_LIMIT - 10] + "… " + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return name

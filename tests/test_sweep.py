@@ -58,3 +58,30 @@ def test_a_failed_run_leaves_error_txt_and_the_next_attempt_removes_it(tmp_path,
     assert text.startswith("trainer.lr must be a positive number, got -2\n") and "Traceback (most recent call last)" in text
     run(compose_config([*SMOKE, "task_sequence.tasks=[second_word]"]), tmp_path)
     assert not (tmp_path / "error.txt").exists() and (tmp_path / "results.json").exists()
+
+
+def test_a_sweeps_runs_share_one_wandb_group_named_by_its_overrides(tmp_path, monkeypatch):
+    from cl_runner import loggers
+    from cl_runner.sweep import SWEEP_GROUP_ENV, sweep_group
+
+    argv = ["-m", "method=seq_lora,per_task_lora", "seed=0,1", "trainer.num_threads=1", "hydra/launcher=slurm", "hydra.launcher.partition=gpu"]
+    assert sweep_group(argv) == "sweep: method=seq_lora,per_task_lora seed=0,1"  # launcher and thread settings left out
+    assert sweep_group(argv[1:]) is None  # a single run has no group
+    long = sweep_group(["-m", "seed=" + ",".join(map(str, range(100)))])
+    assert len(long) == 128 and long != sweep_group(["-m", "seed=" + ",".join(map(str, range(101)))])
+
+    seen = {}
+
+    class FakeWandb:
+        Settings = dict
+
+        @staticmethod
+        def init(**kwargs):
+            seen.update(kwargs)
+
+    monkeypatch.setitem(__import__("sys").modules, "wandb", FakeWandb)
+    monkeypatch.setenv(SWEEP_GROUP_ENV, "sweep: seed=0,1")
+    loggers.WandbLogger().start(tmp_path, "seed=0", {})
+    assert seen["group"] == "sweep: seed=0,1"
+    loggers.WandbLogger(group="mine").start(tmp_path, "seed=0", {})
+    assert seen["group"] == "mine"  # an explicit logger.group wins
