@@ -16,7 +16,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 # Settings that may change between a run and its resume without changing its results. The
 # run directory's name ignores them too (conf/hydra/default.yaml, checked by a test).
 RESUME_SAFE_KEYS = (
-    "logger", "trainer.device", "trainer.num_threads", "trainer.progress_bar", "trainer.log_every",
+    "logger", "trainer.device", "trainer.num_threads", "trainer.progress_bar", "trainer.log_every", "trainer.checkpoint_every",
     "eval.progress_bar", "model.loader.cache_dir",
 )
 

@@ -41,6 +41,7 @@ from cl_runner.run_state import RunState, Row, result_settings
 from cl_runner.tasks import Task, load_task_sequence
 from cl_runner.training import TrainingLoop, check_trainer_config, require_setting
 from cl_runner.training.batching import input_batches
+from cl_runner.training.mid_task import MidTaskCheckpoint
 
 log = logging.getLogger("cl_runner")
 
@@ -206,6 +207,9 @@ class Experiment:
         self.events.evaluation(tasks_learnt, self.task_names, scores, general, task_scores, report, fluency)
         return Row(scores, task_scores, general, time.perf_counter() - started, report, fluency)
 
+    def mid_task(self, t: int) -> MidTaskCheckpoint:
+        return MidTaskCheckpoint(self.state.checkpoint_root / "in_progress.pt", t, self.cfg.trainer.get("checkpoint_every"))
+
     def _learn_task(self, t: int) -> dict:
         task = self.tasks[t]
         # Seed per task, not per process: a resumed run must draw what an uninterrupted one
@@ -219,7 +223,7 @@ class Experiment:
             self.loop.on_step = lambda record: self.events.step(task.name, record)
             params = list(self.method.trainable_parameters(self.model))
             trained["trainable_parameters"] = parameter_count(params)
-            return self.loop.train(self.model, params, examples, self.method, self.replay, seed=self.task_seed(t), task_name=task.name)
+            return self.loop.train(self.model, params, examples, self.method, self.replay, seed=self.task_seed(t), task_name=task.name, checkpoint=self.mid_task(t))
 
         # A method that learns without the training loop (an editor) logs its own steps with this.
         train.log_step = lambda record: self.events.step(task.name, record)
@@ -258,6 +262,7 @@ class Experiment:
                     self.method.save_checkpoint(self.model, directory, t)
 
                 self.state.commit_task(t, write_checkpoint, row, stats)
+                self.mid_task(t).clear()  # the task's own checkpoint holds it now
                 log.info(
                     "task %d/%d %s: %d steps, %.1f s, %.0f tok/s, loss %.3f | R[%d] %s | general %s",
                     t + 1, len(self.tasks), self.task_names[t], stats["steps"], stats["seconds"], stats["tokens_per_s"],

@@ -101,7 +101,8 @@ def test_custom_files_sequence_runs_on_user_data(tmp_path):
     assert len(results["acc_matrix"]) == 3 and len(results["general"]) == 3
 
 
-@pytest.mark.parametrize("override,pattern", [("trainer.precision=fp8", r"trainer.precision 'fp8' is not one of"), ("trainer.batch_size=0", r"trainer.batch_size must be a positive integer")])
+@pytest.mark.parametrize("override,pattern", [("trainer.precision=fp8", r"trainer.precision 'fp8' is not one of"), ("trainer.batch_size=0", r"trainer.batch_size must be a positive integer"),
+                                            ("trainer.checkpoint_every=0", r"trainer.checkpoint_every must be null or a positive integer")])
 def test_bad_trainer_setting_fails_before_anything_is_written(override, pattern, tmp_path):
     result = run_cli(["experiment=smoke", override, *QUIET], cwd=tmp_path, timeout=120)
     assert_one_clear_line(result, pattern)

@@ -67,3 +67,35 @@ def test_kill_mid_task_then_resume_matches_uninterrupted(method, tmp_path):
     assert [s["final_loss"] for s in got["train"]] == [s["final_loss"] for s in want["train"]]
     events = [json.loads(l) for l in (killed_dir / "train_log.jsonl").read_text().splitlines()]
     assert [e["tasks_completed"] for e in events if e["event"] == "start"] == [0, 2]
+
+
+@pytest.mark.parametrize("method,extra", [("seq_lora", ["replay=instruction", "replay.ratio=0.3", "trainer.epochs=2"]),  # 8 steps, capped at 6
+                                          ("seq_ft", ["trainer.grad_accum_steps=2", "trainer.epochs=3"])])  # 12 micro-batches: 6 steps
+def test_kill_inside_a_task_resumes_from_its_last_step_checkpoint(method, extra, tmp_path):
+    """checkpoint_every=2 over 6 steps, killed after step 5 of the last task: the resumed run trains
+    only steps 5-6 of it (step 4's checkpoint) and ends exactly as an uninterrupted run does,
+    replayed examples and dropout included."""
+    args = [*SHORT, "trainer.checkpoint_every=2", f"method={method}", *extra]
+    killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
+    killed = run([*args, f"hydra.run.dir={killed_dir}"], tmp_path, CL_RUNNER_TEST_AT="last_word:5", CL_RUNNER_TEST_DO="kill")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert (killed_dir / "checkpoints" / "in_progress.pt").exists()
+
+    resumed = run([*args, f"hydra.run.dir={killed_dir}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    clean = run([*args, f"hydra.run.dir={clean_dir}"], tmp_path)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+
+    got = json.loads((killed_dir / "results.json").read_text())
+    want = json.loads((clean_dir / "results.json").read_text())
+    assert got["acc_matrix"] == want["acc_matrix"] and got["general"] == want["general"]
+    assert [s["final_loss"] for s in got["train"]] == [s["final_loss"] for s in want["train"]]
+    assert got["train"][-1]["tokens"] == want["train"][-1]["tokens"]
+    events = [json.loads(l) for l in (killed_dir / "train_log.jsonl").read_text().splitlines()]
+    last_start = max(i for i, e in enumerate(events) if e["event"] == "start")
+    resumed_steps = [e["step"] for e in events[last_start:] if e["event"] == "train_step"]
+    assert resumed_steps == [5, 6]  # steps 1-4 of last_word came from the checkpoint
+    clean_events = [json.loads(l) for l in (clean_dir / "train_log.jsonl").read_text().splitlines()]
+    losses = lambda evs: [(e["task"], e["step"], e["loss"]) for e in evs if e["event"] == "train_step" and e["task"] == "last_word" and e["step"] >= 5]  # noqa: E731
+    assert losses(events[last_start:]) == losses(clean_events)
+    assert not (killed_dir / "checkpoints" / "in_progress.pt").exists()  # removed once the task was committed

@@ -20,6 +20,7 @@ from cl_runner.errors import UserError
 from cl_runner.formatting import TokenizedExample
 from cl_runner.training.batching import BATCH_LAYOUTS, length_grouped_batches, training_batch
 from cl_runner.training.loss import answer_token_loss, weighted_objective
+from cl_runner.training.mid_task import MidTaskCheckpoint
 from cl_runner.training.precision import PRECISIONS, MasterWeights, autocast_context
 
 MixedBatch = tuple[list[TokenizedExample], list[TokenizedExample]]  # (current task, replayed)
@@ -38,6 +39,7 @@ def check_trainer_config(cfg) -> None:
     require_setting(cfg, "max_grad_norm", lambda v: v is None or (isinstance(v, (int, float)) and v > 0), "null or a positive number")
     require_setting(cfg, "batch_layout", lambda v: v in BATCH_LAYOUTS, f"one of {list(BATCH_LAYOUTS)}")
     require_setting(cfg, "row_tokens", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer")
+    require_setting(cfg, "checkpoint_every", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1), "null or a positive integer")
 
 
 def require_setting(cfg, key: str, valid, meaning: str, group: str = "trainer") -> None:
@@ -124,8 +126,12 @@ class TrainingLoop:
                 masters.gradients_to_master()
         return step_loss
 
-    def train(self, model, parameters, examples, method, replay, seed: int, task_name: str = "") -> dict:
-        """Run the configured epochs (or ``max_steps`` optimizer steps) over ``examples``."""
+    def train(self, model, parameters, examples, method, replay, seed: int, task_name: str = "", checkpoint: MidTaskCheckpoint | None = None) -> dict:
+        """Run the configured epochs (or ``max_steps`` optimizer steps) over ``examples``.
+
+        With a ``checkpoint``, the task continues from the state it saved (if any) and saves
+        its state every ``checkpoint.every`` steps (:mod:`cl_runner.training.mid_task`).
+        """
         cfg = self.cfg
         rng = random.Random(seed)
         torch.manual_seed(seed)  # dropout masks: a resumed task repeats an uninterrupted one exactly
@@ -140,9 +146,14 @@ class TrainingLoop:
         scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16" or masters.has_fp16)
         replay_share = float(getattr(replay, "ratio", 0.0))
         model.train()
-        tokens, started, record = 0, time.perf_counter(), {}
-        progress = tqdm(total=len(steps), desc=f"train {task_name}", leave=False, disable=not cfg.progress_bar, dynamic_ncols=True)
+        tokens, started, record, done = 0, time.perf_counter(), {}, 0
+        saved = checkpoint.load() if checkpoint is not None else None
+        if saved is not None:
+            done, tokens, started = checkpoint.restore(saved, masters, optimizer, schedule, scaler, rng)
+        progress = tqdm(total=len(steps), initial=done, desc=f"train {task_name}", leave=False, disable=not cfg.progress_bar, dynamic_ncols=True)
         for step_index, step in enumerate(steps, start=1):
+            if step_index <= done:  # trained before the interruption; the data order is the same
+                continue
             mixed = [(micro, replay.sample(len(micro), rng)) for micro in step]
             step_loss = self.accumulate(model, method, mixed, replay_share, scaler, masters)
             tokens += sum(len(e.input_ids) for current, replayed in mixed for e in (*current, *replayed))
@@ -160,6 +171,8 @@ class TrainingLoop:
                 record["loss_scale"] = scaler.get_scale()  # falls when fp16 gradients overflow (those steps are skipped)
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if checkpoint is not None and checkpoint.due(step_index, len(steps)):
+                checkpoint.save(step_index, tokens, time.perf_counter() - started, masters, optimizer, schedule, scaler, rng)
             if step_index % cfg.log_every == 0 or step_index == len(steps):
                 self.on_step(record)
         progress.close()
