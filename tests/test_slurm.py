@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -54,3 +56,41 @@ def test_a_two_job_sweep_runs_as_slurm_jobs(slurm_env, tmp_path):
         assert invocation["slurm_job_id"]  # it ran inside a SLURM job, not in the submitting process
         job_ids.add(invocation["slurm_job_id"])
     assert len(job_ids) == 2
+
+
+def test_a_requeued_job_resumes_and_ends_as_an_uninterrupted_run(slurm_env, tmp_path):
+    """`scontrol requeue` stops a running job (SIGTERM, then SIGKILL) and queues it again; the
+    job runs again in the same run directory and resumes after its last checkpoint."""
+    base = ["experiment=smoke", *QUIET, "logger=none", "trainer.num_threads=1", "trainer.max_steps=160", "trainer.epochs=40", "trainer.checkpoint_every=5",
+            "task_sequence.tasks=[second_word,third_word,last_word]"]
+    sweep_dir = tmp_path / "sweep"
+    command = [sys.executable, "-m", "cl_runner", "-m", "hydra/launcher=slurm", *base, "seed=0", f"hydra.sweep.dir={sweep_dir}",
+               "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **slurm_env}
+    sweep = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (written := list(sweep_dir.glob("*/checkpoints/in_progress.pt"))):  # inside a task, a step checkpoint written
+        assert sweep.poll() is None and time.time() < deadline, "the job never reached a mid-task checkpoint"
+        time.sleep(0.05)
+    run_dir = written[0].parents[1]
+    [job] = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True, check=True).stdout.split()
+    subprocess.run(["scontrol", "requeue", job], env=env, check=True, capture_output=True)
+    # SLURM holds a job requeued while it was still completing for 120 s (BeginTime): start it now.
+    for _ in range(200):
+        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], env=env, capture_output=True, text=True).stdout.split()
+        if state[:2] == ["PENDING", "BeginTime"]:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True, capture_output=True)
+            break
+        if state[:1] == ["RUNNING"] and len(list(run_dir.glob("cl-runner.log"))) and "Resuming" in (run_dir / "cl-runner.log").read_text():
+            break
+        time.sleep(0.1)
+    output, _ = sweep.communicate(timeout=600)
+    assert sweep.returncode == 0, output[-3000:]
+
+    clean = run_cli([*base, "seed=0", f"hydra.run.dir={tmp_path / 'clean'}"], tmp_path, timeout=600)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    got = json.loads((run_dir / "results.json").read_text())
+    want = json.loads((tmp_path / "clean" / "results.json").read_text())
+    assert len(got["invocations"]) == 2 and len({i["slurm_job_id"] for i in got["invocations"]}) == 1  # the same job, run twice
+    assert got["acc_matrix"] == want["acc_matrix"] and got["general"] == want["general"]
+    assert [s["final_loss"] for s in got["train"]] == [s["final_loss"] for s in want["train"]]
