@@ -18,6 +18,8 @@ last row), averaged over the edit tasks, with EasyEdit's locality and the change
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import math
 import statistics
@@ -138,42 +140,130 @@ def _name(overrides: dict[str, str], shared: dict[str, str], group_over: str) ->
     return " ".join(own or [f"{k}={v}" for k, v in overrides.items() if k != group_over]) or "(defaults)"
 
 
-def markdown_table(records: Sequence[RunRecord], columns: Sequence[Column] = COLUMNS, group_over: str = "seed") -> str:
-    """One row per distinct run name (overrides less ``group_over``): mean ± std of each column over its runs."""
+@dataclass
+class Group:
+    """One row of a table: the runs that differ only in ``group_over`` (the seeds)."""
+
+    name: str
+    seeds: str
+    members: list[RunRecord]
+
+
+def group_runs(records: Sequence[RunRecord], group_over: str = "seed") -> tuple[dict[str, str], list[Group]]:
+    """The overrides every finished run shares, and the finished runs grouped by name (overrides less ``group_over``)."""
     finished = [r for r in records if r.results is not None]
     if not finished:
-        return "(no finished runs)"
+        return {}, []
     keys = [dict(r.overrides) for r in finished]
     shared = {k: v for k, v in keys[0].items() if all(other.get(k) == v for other in keys)}
     groups: dict[str, list[RunRecord]] = {}
     for record in finished:
         groups.setdefault(_name(record.overrides, shared, group_over), []).append(record)
+    rows = [Group(name, ",".join(sorted(m.overrides.get(group_over, "-") for m in members)), members) for name, members in groups.items()]
+    return {k: v for k, v in shared.items() if k != group_over}, rows
+
+
+def column_values(group: Group, column: Column) -> list[float]:
+    """The column's values over the group's runs, scaled, missing ones left out."""
+    values = [column.value(m.results) for m in group.members]
+    return [v * column.scale for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+
+
+def markdown_table(records: Sequence[RunRecord], columns: Sequence[Column] = COLUMNS, group_over: str = "seed") -> str:
+    """One row per distinct run name (overrides less ``group_over``): mean ± std of each column over its runs."""
+    shared, groups = group_runs(records, group_over)
+    if not groups:
+        return "(no finished runs)"
     lines = []
     if shared:
-        lines.append("Shared: `" + " ".join(f"{k}={v}" for k, v in shared.items() if k != group_over) + "`\n")
+        lines.append("Shared: `" + " ".join(f"{k}={v}" for k, v in shared.items()) + "`\n")
     lines.append("| run | " + group_over + "s | " + " | ".join(c.title for c in columns) + " |")
     lines.append("|---" * (len(columns) + 2) + "|")
-    for name, members in groups.items():
-        seeds = ",".join(sorted(m.overrides.get(group_over, "-") for m in members))
-        cells = [format_cell([c.value(m.results) for m in members], c) for c in columns]
-        lines.append(f"| `{name}` | {seeds} | " + " | ".join(cells) + " |")
+    for group in groups:
+        cells = [format_cell([c.value(m.results) for m in group.members], c) for c in columns]
+        lines.append(f"| `{group.name}` | {group.seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def report(records: Sequence[RunRecord], split: str | None = None, columns: Sequence[Column] = COLUMNS) -> str:
-    """Markdown tables (one per value of ``split``, if given) and the list of runs without results."""
-    parts = []
+def _latex_escape(text: str) -> str:
+    for char, escaped in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"), ("$", r"\$"), ("{", r"\{"), ("}", r"\}")):
+        text = text.replace(char, escaped)
+    return text.replace("Δ", r"$\Delta$")
+
+
+def latex_table(records: Sequence[RunRecord], columns: Sequence[Column] = COLUMNS, group_over: str = "seed") -> str:
+    """The same table as a LaTeX ``tabular`` (booktabs), mean $\\pm$ std per cell."""
+    shared, groups = group_runs(records, group_over)
+    if not groups:
+        return "% no finished runs"
+    lines = [f"% shared: {' '.join(f'{k}={v}' for k, v in shared.items())}"] if shared else []
+    lines += [r"\begin{tabular}{l" + "r" * len(columns) + "}", r"\toprule",
+              "run & " + " & ".join(_latex_escape(c.title) for c in columns) + r" \\", r"\midrule"]
+    for group in groups:
+        cells = []
+        for column in columns:
+            values = column_values(group, column)
+            if not values:
+                cells.append("--")
+                continue
+            mean, std = mean_std(values)
+            cells.append(f"${mean:{column.spec}} \\pm {std:{column.spec}}$" if len(values) > 1 and column.spread else f"${mean:{column.spec}}$")
+        lines.append(_latex_escape(group.name) + " & " + " & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines)
+
+
+def csv_table(records: Sequence[RunRecord], columns: Sequence[Column] = COLUMNS, group_over: str = "seed") -> str:
+    """The same table as CSV: per column its mean, sample std and number of runs, unrounded."""
+    _, groups = group_runs(records, group_over)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["run", group_over + "s", *(f"{c.title} {part}" for c in columns for part in ("mean", "std", "n"))])
+    for group in groups:
+        row = [group.name, group.seeds]
+        for column in columns:
+            values = column_values(group, column)
+            row += [*mean_std(values), len(values)] if values else ["", "", 0]
+        writer.writerow(row)
+    return out.getvalue()
+
+
+FORMATS = {"markdown": markdown_table, "latex": latex_table, "csv": csv_table}
+
+
+def report(records: Sequence[RunRecord], split: str | None = None, columns: Sequence[Column] = COLUMNS, table_format: str = "markdown") -> str:
+    """The tables (one per value of ``split``, if given); in Markdown, also the runs without results.
+
+    CSV gets one table with the split's value as its first column; LaTeX one ``tabular`` per
+    value under a comment naming it.
+    """
     values = sorted({r.overrides.get(split, "-") for r in records}) if split else [None]
-    for value in values:
-        chosen = [r for r in records if value is None or r.overrides.get(split, "-") == value]
+    chosen = {value: [r for r in records if value is None or r.overrides.get(split, "-") == value] for value in values}
+    if table_format == "csv":
+        tables = [csv_table(rows, columns) for rows in chosen.values()]
+        if split is None:
+            return tables[0]
+        lines = [f"{split}," + tables[0].splitlines()[0]]
+        lines += [f"{value},{line}" for value, table in zip(values, tables) for line in table.splitlines()[1:]]
+        return "\n".join(lines) + "\n"
+    heading = (lambda value: f"### {split}={value}\n") if table_format == "markdown" else (lambda value: f"% {split}={value}")
+    parts = []
+    for value, rows in chosen.items():
         if value is not None:
-            parts.append(f"### {split}={value}\n")
-        parts.append(markdown_table(chosen, columns) + "\n")
+            parts.append(heading(value))
+        parts.append(FORMATS[table_format](rows, columns) + "\n")
+    if table_format == "markdown":
+        parts.append(missing_runs(records))
+    return "\n".join(p for p in parts if p)
+
+
+def missing_runs(records: Sequence[RunRecord]) -> str:
     missing = [r for r in records if r.results is None]
-    if missing:
-        parts.append(f"{len(missing)} run(s) without results.json:")
-        parts.extend(f"- {r.directory}: {'failed: ' + r.error.splitlines()[-1] if r.error else 'unfinished'}" for r in missing)
-    return "\n".join(parts)
+    if not missing:
+        return ""
+    lines = [f"{len(missing)} run(s) without results.json:"]
+    lines.extend(f"- {r.directory}: {'failed: ' + r.error.splitlines()[-1] if r.error else 'unfinished'}" for r in missing)
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -181,6 +271,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("folders", nargs="+", type=Path, help="sweep or run folders (searched recursively)")
     parser.add_argument("--split", default=None, help="one table per value of this override, e.g. task_sequence")
     parser.add_argument("--table", default="default", choices=sorted(TABLES), help="columns: default (the matrix metrics and resources) or edits (editing scores)")
+    parser.add_argument("--format", default="markdown", choices=sorted(FORMATS), help="markdown (with the runs without results), latex or csv")
+    parser.add_argument("--plots", type=Path, default=None, help="also write figures into this folder (cl_runner/report_plots.py)")
     args = parser.parse_args(argv)
     absent = [str(f) for f in args.folders if not f.is_dir()]
     if absent:
@@ -188,7 +280,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     records = find_runs(args.folders)
     if not records:
         sys.exit(f"cl-runner-report: error: no run folders (with state.json or results.json) under {', '.join(map(str, args.folders))}")
-    print(report(records, args.split, TABLES[args.table]))
+    print(report(records, args.split, TABLES[args.table], args.format))
+    if args.format != "markdown" and missing_runs(records):
+        print(missing_runs(records), file=sys.stderr)  # the table on stdout stays machine-readable
+    if args.plots is not None:
+        from cl_runner.report_plots import write_plots
+
+        for path in write_plots(records, args.plots):
+            print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from cl_runner.report import find_runs, markdown_table, mean_std, report
@@ -98,3 +99,41 @@ def test_edit_table_reads_immediate_scores_from_the_diagonal_and_retention_from_
     assert cells[1 + titles.index("paraphrase (ret.)")] == "0.350"
     assert cells[1 + titles.index("locality (ret.)")] == "0.650"
     assert cells[1 + titles.index("fluency Δ")] == "-1.00"
+
+
+def test_latex_and_csv_tables_hold_the_same_numbers(tmp_path):
+    import csv
+    import io
+
+    from cl_runner.report import csv_table, latex_table
+
+    fake_run(tmp_path, ["recipe=my_a", "seed=0", "task_sequence=x"], acc=0.5, seconds=10)
+    fake_run(tmp_path, ["recipe=my_a", "seed=1", "task_sequence=x"], acc=0.7, seconds=14)
+    records = find_runs([tmp_path])
+    latex = latex_table(records)
+    assert r"recipe=my\_a task\_sequence=x & $0.600 \pm 0.141$ & $-0.300 \pm 0.071$" in latex  # underscores escaped, mean ± sample std
+    assert latex.splitlines()[1].startswith(r"\begin{tabular}{l") and latex.endswith(r"\end{tabular}")
+    [row] = list(csv.DictReader(io.StringIO(csv_table(records))))
+    assert row["run"] == "recipe=my_a task_sequence=x" and row["seeds"] == "0,1" and row["acc n"] == "2"
+    assert float(row["acc mean"]) == pytest.approx(0.6) and float(row["acc std"]) == pytest.approx(0.1414213562)
+    split = list(csv.DictReader(io.StringIO(report(records, split="task_sequence", table_format="csv"))))
+    assert split[0]["task_sequence"] == "x" and float(split[0]["acc mean"]) == pytest.approx(0.6)
+
+
+def test_plots_average_the_seeds_matrices(tmp_path):
+    from cl_runner.report_plots import mean_matrix, write_plots
+
+    matrices = {0: [[0.0, 0.2], [1.0, 0.2], [0.4, 1.0]], 1: [[0.0, 0.4], [0.8, 0.4], [0.6, 0.8]]}
+    for seed, matrix in matrices.items():
+        directory = fake_run(tmp_path / "runs", ["method=m", f"seed={seed}"], acc=0.5)
+        results = json.loads((directory / "results.json").read_text())
+        results.update({"tasks": ["t1", "t2"], "acc_matrix": matrix})
+        (directory / "results.json").write_text(json.dumps(results))
+    records = find_runs([tmp_path / "runs"])
+    from cl_runner.report import group_runs
+
+    [group] = group_runs(records)[1]
+    assert [v for row in mean_matrix(group) for v in row] == pytest.approx([0.0, 0.3, 0.9, 0.3, 0.5, 0.9])
+    written = write_plots(records, tmp_path / "plots")
+    assert sorted(p.name for p in written) == ["forgetting.png", "general_delta.png", "method=m_curves.png", "method=m_matrix.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
