@@ -82,7 +82,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         run(cfg, run_dir, snapshot=lambda directory: _write_hydra_snapshot(cfg, directory))
 
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        sweep.run_job(run_this, run_dir)
+        sweep.run_job(run_this, run_dir, Path(hydra_cfg.sweep.dir))
     else:
         _run_single(run_this)
 

@@ -4,14 +4,18 @@ Inside a sweep (``cl-runner -m ...``) each job's failure, a user error or a cras
 recorded instead of raised: one ``cl-runner: error: job <dir>: <reason>`` line goes to stderr
 (the runner has already written the reason to the job's ``error.txt``) and the next job
 starts. When the sweep is over the CLI prints one summary line and exits with status 1
-(:func:`failure_summary`). Hydra's basic launcher runs the jobs in this process, which is
-where the outcomes are collected.
+(:func:`failure_summary`). Hydra's basic launcher runs the jobs in this process; other
+launchers (SLURM, submitit's local executor) run them elsewhere, so each job also writes its
+outcome to ``<sweep dir>/.cl-runner/outcomes/`` and :class:`OutcomeCollector` (a Hydra
+callback, in the sweep's own process) reads back those of this sweep when it ends.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +35,7 @@ class JobOutcome:
 OUTCOMES: list[JobOutcome] = []
 
 
-def run_job(run: Callable[[], object], run_dir: Path) -> None:
+def run_job(run: Callable[[], object], run_dir: Path, sweep_dir: Path | None = None) -> None:
     """Run one sweep job; record its outcome and never raise (except on Ctrl-C, which ends the sweep)."""
     try:
         run()
@@ -40,9 +44,50 @@ def run_job(run: Callable[[], object], run_dir: Path) -> None:
         if debug_enabled():
             traceback.print_exception(exc, file=sys.stderr)
         print(f"cl-runner: error: job {run_dir}: {reason}", file=sys.stderr)
-        OUTCOMES.append(JobOutcome(run_dir, reason))
+        outcome = JobOutcome(run_dir, reason)
     else:
-        OUTCOMES.append(JobOutcome(run_dir, None))
+        outcome = JobOutcome(run_dir, None)
+    OUTCOMES.append(outcome)
+    if sweep_dir is not None:
+        _write_outcome(Path(sweep_dir), outcome)
+
+
+def _outcome_dir(sweep_dir: Path) -> Path:
+    return sweep_dir / ".cl-runner" / "outcomes"
+
+
+def _write_outcome(sweep_dir: Path, outcome: JobOutcome) -> None:
+    from cl_runner.atomic_io import write_json_atomic
+
+    name = hashlib.sha256(str(outcome.run_dir).encode()).hexdigest()[:16] + ".json"
+    write_json_atomic(_outcome_dir(sweep_dir) / name, {"run_dir": str(outcome.run_dir), "error": outcome.error, "time": time.time()})
+
+
+def collect_outcomes(sweep_dir: Path, since: float) -> list[JobOutcome]:
+    """The outcomes jobs wrote under ``sweep_dir`` at or after ``since`` (one per run directory)."""
+    folder = _outcome_dir(Path(sweep_dir))
+    records = [json.loads(p.read_text()) for p in folder.glob("*.json")] if folder.is_dir() else []
+    return [JobOutcome(Path(r["run_dir"]), r["error"]) for r in records if r["time"] >= since]
+
+
+class OutcomeCollector:
+    """Hydra callback (conf/hydra/default.yaml): after a sweep, the outcomes of its jobs, wherever they ran."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self.started = time.time()
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        written = {o.run_dir: o for o in collect_outcomes(Path(config.hydra.sweep.dir), self.started)}
+        in_process = {o.run_dir for o in OUTCOMES}
+        OUTCOMES.extend(o for run_dir, o in written.items() if run_dir not in in_process)
+
+    def __getattr__(self, name):  # Hydra calls every hook a callback may have; the others do nothing
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
 
 
 def failure_summary() -> str | None:

@@ -85,3 +85,14 @@ def test_a_sweeps_runs_share_one_wandb_group_named_by_its_overrides(tmp_path, mo
     assert seen["group"] == "sweep: seed=0,1"
     loggers.WandbLogger(group="mine").start(tmp_path, "seed=0", {})
     assert seen["group"] == "mine"  # an explicit logger.group wins
+
+
+def test_a_failed_job_under_another_launcher_still_fails_the_sweep(tmp_path):
+    """hydra/launcher=local runs each job in its own process; their outcomes come back through files."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed (pip install -e .[slurm])")
+    from conftest import QUIET, run_cli
+
+    result = run_cli(["-m", "hydra/launcher=local", "experiment=smoke", *QUIET, "logger=none", "trainer.lr=-1,1e-3", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert f"cl-runner: 1 of 2 jobs failed: {tmp_path / 'sweep' / 'experiment=smoke,trainer.lr=-1'}" in result.stderr
+    assert (tmp_path / "sweep" / "experiment=smoke,trainer.lr=0.001" / "results.json").exists()
