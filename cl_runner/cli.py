@@ -9,10 +9,12 @@ see full tracebacks instead.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 import traceback
+import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +25,7 @@ from omegaconf import DictConfig
 from cl_runner import sweep
 from cl_runner.config import CONFIG_DIR  # also registers the or_default resolver
 from cl_runner.error_file import debug_enabled
+from cl_runner.provenance import COMMAND_ENV
 from cl_runner.errors import find_user_error, one_line
 
 USER_ERROR_STATUS = 2
@@ -94,6 +97,9 @@ def main() -> None:
     group = sweep.sweep_group(sys.argv[1:])
     if group:
         os.environ.setdefault(sweep.SWEEP_GROUP_ENV, group)
+        os.environ[sweep.SWEEP_ID_ENV] = uuid.uuid4().hex  # this sweep's jobs, wherever they run, file outcomes under it
+    # Jobs a launcher runs elsewhere see its own argv (submitit's): record the command as typed.
+    os.environ.setdefault(COMMAND_ENV, json.dumps(["cl-runner", *sys.argv[1:]]))
     _hydra_main()
     summary = sweep.failure_summary()
     if summary:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import socket
@@ -35,6 +36,9 @@ def git_state() -> dict | None:
     return {"commit": commit, "dirty": bool(dirty)}
 
 
+COMMAND_ENV = "CL_RUNNER_COMMAND"  # the command line as typed (cli.main sets it; launchers' jobs inherit it)
+
+
 def invocation_record(device: str, tasks_completed: int) -> dict:
     """Where and with what one invocation ran: device, thread count and versions change floating-point results."""
     import torch
@@ -46,7 +50,7 @@ def invocation_record(device: str, tasks_completed: int) -> dict:
         "num_threads": torch.get_num_threads(),
         "tasks_completed_at_start": tasks_completed,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),  # None outside SLURM; a requeued job keeps its id
-        "command": list(sys.argv),
+        "command": json.loads(os.environ[COMMAND_ENV]) if COMMAND_ENV in os.environ else list(sys.argv),
         "versions": package_versions(),
         "git": git_state(),
     }

@@ -22,6 +22,7 @@ import csv
 import io
 import json
 import math
+import re
 import statistics
 import sys
 from collections.abc import Callable, Sequence
@@ -185,10 +186,12 @@ def markdown_table(records: Sequence[RunRecord], columns: Sequence[Column] = COL
     return "\n".join(lines)
 
 
+LATEX_SPECIALS = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$", "{": r"\{", "}": r"\}",
+                  "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "Δ": r"$\Delta$"}
+
+
 def _latex_escape(text: str) -> str:
-    for char, escaped in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"), ("$", r"\$"), ("{", r"\{"), ("}", r"\}")):
-        text = text.replace(char, escaped)
-    return text.replace("Δ", r"$\Delta$")
+    return re.sub("|".join(re.escape(c) for c in LATEX_SPECIALS), lambda m: LATEX_SPECIALS[m.group()], text)  # one pass
 
 
 def latex_table(records: Sequence[RunRecord], columns: Sequence[Column] = COLUMNS, group_over: str = "seed") -> str:
@@ -243,9 +246,13 @@ def report(records: Sequence[RunRecord], split: str | None = None, columns: Sequ
         tables = [csv_table(rows, columns) for rows in chosen.values()]
         if split is None:
             return tables[0]
-        lines = [f"{split}," + tables[0].splitlines()[0]]
-        lines += [f"{value},{line}" for value, table in zip(values, tables) for line in table.splitlines()[1:]]
-        return "\n".join(lines) + "\n"
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        for index, (value, table) in enumerate(zip(values, tables)):
+            rows = list(csv.reader(io.StringIO(table)))
+            writer.writerows([[split, *rows[0]]] if index == 0 else [])
+            writer.writerows([value, *row] for row in rows[1:])
+        return out.getvalue()
     heading = (lambda value: f"### {split}={value}\n") if table_format == "markdown" else (lambda value: f"% {split}={value}")
     parts = []
     for value, rows in chosen.items():

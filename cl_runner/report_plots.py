@@ -11,6 +11,7 @@ different task lists get a forgetting figure each.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import statistics
 from pathlib import Path
@@ -29,7 +30,9 @@ def mean_matrix(group: Group) -> list[list[float]]:
 
 
 def slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", name).strip("_")[:120] or "run"
+    """A file name for a row; long names are cut and tagged with a digest so two rows never share one."""
+    text = re.sub(r"[^A-Za-z0-9_.=-]+", "_", name).strip("_") or "run"
+    return text if len(text) <= 120 else text[:110] + "_" + hashlib.sha256(name.encode()).hexdigest()[:8]
 
 
 def _pyplot():

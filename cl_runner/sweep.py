@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -52,8 +53,13 @@ def run_job(run: Callable[[], object], run_dir: Path, sweep_dir: Path | None = N
         _write_outcome(Path(sweep_dir), outcome)
 
 
-def _outcome_dir(sweep_dir: Path) -> Path:
-    return sweep_dir / ".cl-runner" / "outcomes"
+# Set by the sweep's own process: its jobs file their outcomes under this id, so two sweeps
+# sharing a sweep dir (or late jobs of an earlier one) never count each other's jobs.
+SWEEP_ID_ENV = "CL_RUNNER_SWEEP_ID"
+
+
+def _outcome_dir(sweep_dir: Path, sweep_id: str | None = None) -> Path:
+    return sweep_dir / ".cl-runner" / "outcomes" / (sweep_id or os.environ.get(SWEEP_ID_ENV) or "unnamed")
 
 
 def _write_outcome(sweep_dir: Path, outcome: JobOutcome) -> None:
@@ -63,24 +69,21 @@ def _write_outcome(sweep_dir: Path, outcome: JobOutcome) -> None:
     write_json_atomic(_outcome_dir(sweep_dir) / name, {"run_dir": str(outcome.run_dir), "error": outcome.error, "time": time.time()})
 
 
-def collect_outcomes(sweep_dir: Path, since: float) -> list[JobOutcome]:
-    """The outcomes jobs wrote under ``sweep_dir`` at or after ``since`` (one per run directory)."""
-    folder = _outcome_dir(Path(sweep_dir))
+def collect_outcomes(sweep_dir: Path, sweep_id: str) -> list[JobOutcome]:
+    """The outcomes the jobs of sweep ``sweep_id`` wrote under ``sweep_dir`` (one per run directory)."""
+    folder = _outcome_dir(Path(sweep_dir), sweep_id)
     records = [json.loads(p.read_text()) for p in folder.glob("*.json")] if folder.is_dir() else []
-    return [JobOutcome(Path(r["run_dir"]), r["error"]) for r in records if r["time"] >= since]
+    return [JobOutcome(Path(r["run_dir"]), r["error"]) for r in records]
 
 
 class OutcomeCollector:
     """Hydra callback (conf/hydra/default.yaml): after a sweep, the outcomes of its jobs, wherever they ran."""
 
-    def __init__(self) -> None:
-        self.started = time.time()
-
-    def on_multirun_start(self, config, **kwargs) -> None:
-        self.started = time.time()
-
     def on_multirun_end(self, config, **kwargs) -> None:
-        written = {o.run_dir: o for o in collect_outcomes(Path(config.hydra.sweep.dir), self.started)}
+        sweep_id = os.environ.get(SWEEP_ID_ENV)
+        if not sweep_id:
+            return  # not started through cl-runner's main(): only the in-process outcomes are known
+        written = {o.run_dir: o for o in collect_outcomes(Path(config.hydra.sweep.dir), sweep_id)}
         in_process = {o.run_dir for o in OUTCOMES}
         OUTCOMES.extend(o for run_dir, o in written.items() if run_dir not in in_process)
 

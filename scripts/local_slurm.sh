@@ -79,8 +79,8 @@ start() {
     write_config
     start_munge
     export SLURM_CONF=$CONF
-    pgrep -x slurmctld >/dev/null || /usr/sbin/slurmctld -f "$CONF"
-    pgrep -x slurmd >/dev/null || /usr/sbin/slurmd -f "$CONF"
+    running "$DIR/slurmctld.pid" || /usr/sbin/slurmctld -f "$CONF"
+    running "$DIR/slurmd.pid" || /usr/sbin/slurmd -f "$CONF"
     for _ in $(seq 60); do  # the node registers within a few seconds
         if sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
             echo "export SLURM_CONF=$CONF"
@@ -92,11 +92,16 @@ start() {
     return 1
 }
 
+running() {  # this cluster's daemon, by its pid file (never another slurmd on the host)
+    [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+}
+
 stop() {
-    pkill -x slurmd 2>/dev/null || true
-    pkill -x slurmctld 2>/dev/null || true
+    for daemon in slurmd slurmctld; do
+        running "$DIR/$daemon.pid" && kill "$(cat "$DIR/$daemon.pid")"
+    done
     for _ in $(seq 20); do
-        pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || break
+        running "$DIR/slurmd.pid" || running "$DIR/slurmctld.pid" || break
         sleep 0.5
     done
     rm -rf "$DIR/state" "$DIR/spool"

@@ -113,6 +113,9 @@ def test_latex_and_csv_tables_hold_the_same_numbers(tmp_path):
     latex = latex_table(records)
     assert r"recipe=my\_a task\_sequence=x & $0.600 \pm 0.141$ & $-0.300 \pm 0.071$" in latex  # underscores escaped, mean ± sample std
     assert latex.splitlines()[1].startswith(r"\begin{tabular}{l") and latex.endswith(r"\end{tabular}")
+    from cl_runner.report import _latex_escape
+
+    assert _latex_escape(r"a\b_{c}~Δ") == r"a\textbackslash{}b\_\{c\}\textasciitilde{}$\Delta$"  # one pass: no escaping of escapes
     [row] = list(csv.DictReader(io.StringIO(csv_table(records))))
     assert row["run"] == "recipe=my_a task_sequence=x" and row["seeds"] == "0,1" and row["acc n"] == "2"
     assert float(row["acc mean"]) == pytest.approx(0.6) and float(row["acc std"]) == pytest.approx(0.1414213562)

@@ -94,3 +94,9 @@ def test_a_requeued_job_resumes_and_ends_as_an_uninterrupted_run(slurm_env, tmp_
     assert len(got["invocations"]) == 2 and len({i["slurm_job_id"] for i in got["invocations"]}) == 1  # the same job, run twice
     assert got["acc_matrix"] == want["acc_matrix"] and got["general"] == want["general"]
     assert [s["final_loss"] for s in got["train"]] == [s["final_loss"] for s in want["train"]]
+    # The second run resumed inside the task it was killed in, from its last step checkpoint (every 5 steps).
+    events = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    restart = [i for i, e in enumerate(events) if e["event"] == "start"][1]
+    first = next(e for e in events[restart:] if e["event"] == "train_step")
+    logged = max([e["step"] for e in events[:restart] if e["event"] == "train_step" and e["task"] == first["task"]], default=0)
+    assert first["step"] == logged // 5 * 5 + 1 or ((logged + 1) % 5 == 0 and first["step"] == logged + 2)  # killed between save and log

@@ -1,5 +1,7 @@
 """Failures recorded instead of raised: sweep jobs, and error.txt (the CLI sweep itself: test_cli_errors.py)."""
 
+import json
+
 import pytest
 
 from cl_runner import sweep
@@ -92,6 +94,9 @@ def test_a_failed_job_under_another_launcher_still_fails_the_sweep(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed (pip install -e .[slurm])")
     from conftest import QUIET, run_cli
 
+    stale = tmp_path / "sweep" / ".cl-runner" / "outcomes" / "an-earlier-sweep"
+    stale.mkdir(parents=True)
+    (stale / "x.json").write_text(json.dumps({"run_dir": str(tmp_path / "old"), "error": "old failure", "time": 4e9}))  # not this sweep's
     result = run_cli(["-m", "hydra/launcher=local", "experiment=smoke", *QUIET, "logger=none", "trainer.lr=-1,1e-3", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path, timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]
     assert f"cl-runner: 1 of 2 jobs failed: {tmp_path / 'sweep' / 'experiment=smoke,trainer.lr=-1'}" in result.stderr

@@ -12,6 +12,8 @@ removed once the task's own checkpoint is committed.
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -20,6 +22,8 @@ from pathlib import Path
 import torch
 
 from cl_runner.atomic_io import write_file_atomic
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,13 +49,17 @@ class MidTaskCheckpoint:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
-        write_file_atomic(self.path, lambda tmp: torch.save(state, tmp))
+        write_file_atomic(self.path, lambda tmp: _save_synced(state, tmp))
 
     def load(self) -> dict | None:
         """The saved state of this task, or None (no file, or one left by another task)."""
         if not self.path.exists():
             return None
-        state = torch.load(self.path, weights_only=True, map_location="cpu")
+        try:
+            state = torch.load(self.path, weights_only=True, map_location="cpu")
+        except Exception as exc:  # noqa: BLE001 - e.g. a file cut short by a crashed node: lose the steps, not the run
+            log.warning("%s cannot be read (%s): the task starts over", self.path, exc)
+            return None
         return state if state["task_index"] == self.task_index else None
 
     def restore(self, state: dict, masters, optimizer, schedule, scaler, rng: random.Random) -> tuple[int, int, float]:
@@ -75,3 +83,13 @@ class MidTaskCheckpoint:
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
+        for partial in self.path.parent.glob(self.path.name + ".*.tmp*"):  # left by a kill during a save
+            partial.unlink(missing_ok=True)
+
+
+def _save_synced(state: dict, path: Path) -> None:
+    """torch.save, flushed to disk before the rename makes it the checkpoint (a node crash must not leave it empty)."""
+    with open(path, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
