@@ -226,7 +226,8 @@ def csv_table(records: Sequence[RunRecord], columns: Sequence[Column] = COLUMNS,
         row = [group.name, group.seeds]
         for column in columns:
             values = column_values(group, column)
-            row += [*mean_std(values), len(values)] if values else ["", "", 0]
+            mean, std = mean_std(values) if values else ("", "")
+            row += [mean, std if len(values) > 1 else "", len(values)]  # no spread from one run
         writer.writerow(row)
     return out.getvalue()
 

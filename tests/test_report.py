@@ -121,6 +121,9 @@ def test_latex_and_csv_tables_hold_the_same_numbers(tmp_path):
     assert float(row["acc mean"]) == pytest.approx(0.6) and float(row["acc std"]) == pytest.approx(0.1414213562)
     split = list(csv.DictReader(io.StringIO(report(records, split="task_sequence", table_format="csv"))))
     assert split[0]["task_sequence"] == "x" and float(split[0]["acc mean"]) == pytest.approx(0.6)
+    fake_run(tmp_path, ["recipe=b", "seed=0", "task_sequence=x"], acc=0.25)
+    rows = {r["run"]: r for r in csv.DictReader(io.StringIO(csv_table(find_runs([tmp_path]))))}
+    assert rows["recipe=b"]["acc mean"] == "0.25" and rows["recipe=b"]["acc std"] == "" and rows["recipe=b"]["acc n"] == "1"
 
 
 def test_plots_average_the_seeds_matrices(tmp_path):
