@@ -195,13 +195,12 @@ class Experiment:
         task_scores = evaluate_tasks(self.model, self.formatter, self.tasks, batch_size, self.device, members_of, desc, self.cfg.eval.progress_bar, router_of)
         scores = [s[task.metric] for s, task in zip(task_scores, self.tasks)]
         general = None
+        # The probe and fluency measure the model as deployed after the sequence: the last-learnt weights.
+        deployed = members_of(max(0, tasks_learnt - 1))
         if self.probe is not None:
-            # The probe measures the model as deployed after the sequence: the last-learnt weights.
-            deployed = members_of(max(0, tasks_learnt - 1))
             general = evaluate_task(self.model, self.formatter, self.probe, batch_size, self.device, deployed, router_of(None))[self.probe.metric]
         fluency = None
         if self.fluency_prompts:
-            deployed = members_of(max(0, tasks_learnt - 1))
             fluency = generation_fluency(self.model, self.raw_formatter, self.fluency_prompts, self.fluency_tokens, batch_size, self.device, deployed)
         report = self.method.row_report(tasks_learnt)
         self.events.evaluation(tasks_learnt, self.task_names, scores, general, task_scores, report, fluency)
