@@ -66,6 +66,7 @@ class RunState:
     invocations: list[dict] = field(default_factory=list)  # provenance.invocation_record() of each invocation
     method_reports: list = field(default_factory=list)  # the method's row_report per row (None where it has none)
     fluency: list = field(default_factory=list)  # per row, for sequences that measure it
+    writer: bool = field(default=True, repr=False)  # False on data-parallel ranks other than 0: they keep the state, rank 0 writes it
 
     @property
     def tasks_completed(self) -> int:
@@ -119,7 +120,10 @@ class RunState:
         self.invocations.append(record)
 
     def save(self) -> None:
+        if not self.writer:
+            return
         data = asdict(self)
+        data.pop("writer")
         data["run_dir"] = str(self.run_dir)
         write_json_atomic(self.run_dir / STATE_FILE, data)
 
@@ -135,16 +139,20 @@ class RunState:
 
     def commit_task(self, task_index: int, write_checkpoint, row: Row, stats: dict) -> None:
         """Write task ``task_index``'s checkpoint, then record its row: a kill in between leaves no trace."""
+        checkpoint_bytes = self._write_checkpoint(task_index, write_checkpoint) if self.writer else None
+        self.train_stats.append({**stats, "checkpoint_bytes": checkpoint_bytes})
+        self.timing["train_s"].append(stats["seconds"])
+        self.record_row(row)
+        self.save()
+
+    def _write_checkpoint(self, task_index: int, write_checkpoint) -> int:
         final = self.checkpoint_dir(task_index)
         for stale in final.parent.glob(final.name + ".*.tmp"):  # left by a run killed mid-write
             shutil.rmtree(stale, ignore_errors=True)
         # replace=True: a folder already there was left by a run killed after the rename but
         # before state.json was updated, so nothing trusts it.
         write_dir_atomic(final, write_checkpoint, replace=True)
-        self.train_stats.append({**stats, "checkpoint_bytes": directory_bytes(final)})
-        self.timing["train_s"].append(stats["seconds"])
-        self.record_row(row)
-        self.save()
+        return directory_bytes(final)
 
 
 def _refuse_other_data(run_dir: Path, saved: dict, current: dict) -> None:

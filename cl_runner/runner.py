@@ -15,6 +15,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
 from cl_runner.config import build
+from cl_runner.distributed import World, current_world
 from cl_runner.error_file import clear_error_file, write_error_file
 from cl_runner.errors import UserError
 from cl_runner.methods.base import ContinualMethod
@@ -30,6 +32,7 @@ from cl_runner.editing.locality import attach_locality_references
 from cl_runner.evaluation import evaluate_task, evaluate_tasks
 from cl_runner.evaluation.fluency import fluency_settings, generation_fluency
 from cl_runner.formatting import PromptFormatter
+from cl_runner.loggers import NullLogger
 from cl_runner.models import load_model, resolve_device
 from cl_runner.atomic_io import write_json_atomic
 from cl_runner.plots import plot_heatmap
@@ -53,12 +56,13 @@ class EventLog:
     so steps keep increasing across invocations and a resumed run stays one W&B run.
     """
 
-    def __init__(self, path: Path, logger):
+    def __init__(self, path: Path, logger, writer: bool = True):
         self.path = path
         self.logger = logger
+        self.writer = writer  # False on data-parallel ranks other than 0
         self.lines = 0
         # A run killed mid-write leaves a partial last line: end it so the next record starts clean.
-        if path.exists() and path.stat().st_size:
+        if writer and path.exists() and path.stat().st_size:
             with path.open("rb+") as handle:
                 handle.seek(-1, 2)  # only the last byte matters; the log can be large
                 if handle.read(1) != b"\n":
@@ -68,8 +72,9 @@ class EventLog:
 
     def write(self, event: dict) -> int:
         """Append ``event``; return its line number (0-based)."""
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(event) + "\n")
+        if self.writer:
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(event) + "\n")
         self.lines += 1
         return self.lines - 1
 
@@ -117,26 +122,28 @@ def _format_score(score: float | None, spec: str = ".2f") -> str:
 class Experiment:
     """One run: built from the config, then driven by :meth:`run`."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path):
+    def __init__(self, cfg: DictConfig, run_dir: Path, world: World = World()):
         self.cfg = cfg
         self.run_dir = run_dir
+        self.world = world  # under torchrun: the ranks train together, only rank 0 writes
         self.config = resolved_config(cfg)
         check_trainer_config(cfg.trainer)
         require_setting(cfg.eval, "batch_size", lambda v: isinstance(v, int) and v >= 1, "a positive integer", group="eval")
-        self.device = resolve_device(cfg.trainer.device)
+        self.device = world.device(resolve_device(cfg.trainer.device))
         # Data first: a bad task file fails here, before anything is written to the run directory.
         self.tasks, self.probe = load_task_sequence(self.config["task_sequence"])
         self.task_names = [t.name for t in self.tasks]
         # Settings next: a bad method, replay or logger setting fails before the model is loaded.
         self.method = build(cfg.method, "method")
         self.replay = build(cfg.replay, "replay")
-        self.logger = build(cfg.logger, "logger")
+        self.logger = build(cfg.logger, "logger") if world.is_main else NullLogger()
         self._check_rollback()
         self.fluency_prompts, self.fluency_tokens = fluency_settings(self.config["task_sequence"], self.tasks)
         self.replay_tasks = self.replay.data_tasks(list(cfg.task_sequence.task_dirs))
         fingerprints = {t.name: t.fingerprint() for t in [*self.tasks, *([self.probe] if self.probe else [])]}
         fingerprints.update({f"replay/{t.name}": t.fingerprint() for t in self.replay_tasks})
         self.state = RunState.open(run_dir, result_settings(self.config), self.task_names, fingerprints)
+        self.state.writer = world.is_main
         self.timing: dict = {}
         self._encoded: dict[str, list] = {}
 
@@ -172,8 +179,8 @@ class Experiment:
         base = lambda index: self.method.eval_members(self.model, 0, index)[0]  # noqa: E731
         attach_locality_references(self.model, tokenizer, self.tasks, base, self.cfg.eval.batch_size)
         self.replay.setup(self._encode, self.replay_tasks)
-        self.events = EventLog(self.run_dir / "train_log.jsonl", self.logger)
-        self.loop = TrainingLoop(self.cfg.trainer, self.device, tokenizer.pad_token_id)
+        self.events = EventLog(self.run_dir / "train_log.jsonl", self.logger, writer=self.world.is_main)
+        self.loop = TrainingLoop(self.cfg.trainer, self.device, tokenizer.pad_token_id, world=self.world)
         if self.state.tasks_completed:
             self.method.load_checkpoint(self.model, self.state.completed_checkpoints())
             for t in range(self.state.tasks_completed):
@@ -183,7 +190,6 @@ class Experiment:
 
     def _evaluate_row(self, tasks_learnt: int) -> Row:
         started = time.perf_counter()
-        batch_size = self.cfg.eval.batch_size
 
         def members_of(task_index):
             return self.method.eval_members(self.model, tasks_learnt, task_index)
@@ -192,22 +198,34 @@ class Experiment:
             return lambda prompts: self.method.route_examples(self.model, tasks_learnt, task_index, prompts)
 
         desc = "eval base" if tasks_learnt == 0 else f"eval after {self.task_names[tasks_learnt - 1]}"
-        task_scores = evaluate_tasks(self.model, self.formatter, self.tasks, batch_size, self.device, members_of, desc, self.cfg.eval.progress_bar, router_of)
+        task_scores = self._score_tasks(members_of, router_of, desc)
         scores = [s[task.metric] for s, task in zip(task_scores, self.tasks)]
-        general = None
         # The probe and fluency measure the model as deployed after the sequence: the last-learnt weights.
-        deployed = members_of(max(0, tasks_learnt - 1))
+        deployed = lambda: members_of(max(0, tasks_learnt - 1))  # noqa: E731
+        extras = []
         if self.probe is not None:
-            general = evaluate_task(self.model, self.formatter, self.probe, batch_size, self.device, deployed, router_of(None))[self.probe.metric]
-        fluency = None
+            extras.append(lambda: evaluate_task(self.model, self.formatter, self.probe, self.cfg.eval.batch_size, self.device, deployed(), router_of(None))[self.probe.metric])
         if self.fluency_prompts:
-            fluency = generation_fluency(self.model, self.raw_formatter, self.fluency_prompts, self.fluency_tokens, batch_size, self.device, deployed)
+            extras.append(lambda: generation_fluency(self.model, self.raw_formatter, self.fluency_prompts, self.fluency_tokens, self.cfg.eval.batch_size, self.device, deployed()))
+        answers = iter(self.world.run_shared(extras))
+        general = next(answers) if self.probe is not None else None
+        fluency = next(answers) if self.fluency_prompts else None
         report = self.method.row_report(tasks_learnt)
         self.events.evaluation(tasks_learnt, self.task_names, scores, general, task_scores, report, fluency)
         return Row(scores, task_scores, general, time.perf_counter() - started, report, fluency)
 
+    def _score_tasks(self, members_of, router_of, desc: str) -> list[dict]:
+        """Every task's scores; under data parallelism each rank scores its share of the tasks."""
+
+        def score(indices: list[int]) -> list[dict]:
+            return evaluate_tasks(self.model, self.formatter, [self.tasks[i] for i in indices], self.cfg.eval.batch_size, self.device,
+                                  lambda j: members_of(indices[j]), desc, self.cfg.eval.progress_bar and self.world.is_main,
+                                  router_of and (lambda j: router_of(indices[j])))
+
+        return self.world.map_shared(len(self.tasks), score)
+
     def mid_task(self, t: int) -> MidTaskCheckpoint:
-        return MidTaskCheckpoint(self.state.checkpoint_root / "in_progress.pt", t, self.cfg.trainer.get("checkpoint_every"))
+        return MidTaskCheckpoint(self.state.checkpoint_root / "in_progress.pt", t, self.cfg.trainer.get("checkpoint_every"), writer=self.world.is_main)
 
     def _learn_task(self, t: int) -> dict:
         task = self.tasks[t]
@@ -279,8 +297,8 @@ class Experiment:
         """Undo the named tasks (in the order given) after the sequence and score every task again."""
         names = list(self.cfg.rollback)
         exact = {name: self.method.rollback(self.model, name) for name in names}
-        members = lambda i: self.method.eval_members(self.model, len(self.tasks), i)
-        task_scores = evaluate_tasks(self.model, self.formatter, self.tasks, self.cfg.eval.batch_size, self.device, members, "eval after rollback", self.cfg.eval.progress_bar)
+        members = lambda i: self.method.eval_members(self.model, len(self.tasks), i)  # noqa: E731
+        task_scores = self._score_tasks(members, None, "eval after rollback")
         scores = [s[task.metric] for s, task in zip(task_scores, self.tasks)]
         self.events.write({"event": "rollback", "tasks": names, "bit_exact": exact, "scores": dict(zip(self.task_names, scores))})
         log.info("rolled back %s (bit for bit: %s): %s", names, exact, _format_row(scores))
@@ -295,6 +313,8 @@ class Experiment:
         )
         if rolled_back is not None:
             results["rollback"] = rolled_back
+        if not self.world.is_main:
+            return results
         write_json_atomic(self.run_dir / "results.json", results)
         heatmap = plot_heatmap(self.task_names, self.state.acc_matrix, self.run_dir / "acc_matrix.png", title=f"{self.cfg.method.name}: R[t][i]")
         self.logger.log_results(results, heatmap, step=self.events.lines)
@@ -312,21 +332,29 @@ def run(cfg: DictConfig, run_dir: str | Path, snapshot: Callable[[Path], None] |
     ``snapshot(run_dir)`` (the CLI's Hydra config snapshot) is called once the settings are
     accepted, so a refused invocation leaves the directory as it found it. A failure is
     written to ``error.txt`` while the lock is still held.
+
+    Under ``torchrun`` every rank calls this with the same ``run_dir`` (run directories are
+    named after the overrides, not the time); rank 0 holds the lock and writes, the others
+    train and score their share alongside it (cl_runner.distributed).
     """
     run_dir = Path(run_dir)
-    with RunLock(run_dir):  # a second process on the same directory is refused here
-        clear_error_file(run_dir)
+    world = current_world(str(cfg.trainer.device))
+    if not world.is_main:
+        log.setLevel(logging.WARNING)  # one copy of each progress line, from rank 0
+    with RunLock(run_dir) if world.is_main else nullcontext():  # a second process on the same directory is refused here
+        if world.is_main:
+            clear_error_file(run_dir)
         threads = torch.get_num_threads()  # restored: the next job of a sweep starts from the default
         try:
             if cfg.trainer.num_threads:
                 torch.set_num_threads(cfg.trainer.num_threads)
-            experiment = Experiment(cfg, run_dir)
-            if snapshot is not None:
+            experiment = Experiment(cfg, run_dir, world)
+            if snapshot is not None and world.is_main:
                 snapshot(run_dir)
             return experiment.run()
         except Exception as exc:
-            write_error_file(run_dir, exc)
+            if world.is_main:
+                write_error_file(run_dir, exc)
             raise
         finally:
             torch.set_num_threads(threads)
-

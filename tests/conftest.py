@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,11 +14,21 @@ from cl_runner.config import compose_config  # noqa: F401 - the tests' way to bu
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["trainer.progress_bar=false", "eval.progress_bar=false"]
 SMOKE = ["experiment=smoke", *QUIET]
+# Data parallelism compared with one process: 32 training examples make 4 optimizer steps of 8 (one
+# process at batch 8) or of 4 + 4 (two ranks at batch 4); no dropout, since each rank draws its
+# own masks for its own examples.
+DATA_PARALLEL = [*SMOKE, "task_sequence.train_size=32", "trainer.max_steps=4", "trainer.num_threads=1", "method.peft.lora_dropout=0.0"]
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = None, **popen) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run([sys.executable, "-m", "cl_runner", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def train_log(run_dir: Path) -> tuple[list[str], list[float]]:
+    """The event kinds in a run's train_log.jsonl, and the loss of each training step."""
+    events = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    return [e["event"] for e in events], [e["loss"] for e in events if e["event"] == "train_step"]
 
 
 COLOURS = ["red", "green", "blue", "cyan"]

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import QUIET, REPO, run_cli
+from conftest import DATA_PARALLEL, QUIET, REPO, run_cli, train_log
 
 SCRIPT = REPO / "scripts" / "local_slurm.sh"
 
@@ -100,3 +100,21 @@ def test_a_requeued_job_resumes_and_ends_as_an_uninterrupted_run(slurm_env, tmp_
     first = next(e for e in events[restart:] if e["event"] == "train_step")
     logged = max([e["step"] for e in events[:restart] if e["event"] == "train_step" and e["task"] == first["task"]], default=0)
     assert first["step"] == logged // 5 * 5 + 1 or ((logged + 1) % 5 == 0 and first["step"] == logged + 2)  # killed between save and log
+
+
+def test_a_two_task_slurm_job_trains_data_parallel(slurm_env, tmp_path):
+    """`hydra.launcher.tasks_per_node=2`: submitit starts two processes, which join one process group
+    from SLURM's variables and train as two ranks at batch 4, following one process at batch 8."""
+    sweep_dir = tmp_path / "sweep"
+    args = ["-m", "hydra/launcher=slurm", *DATA_PARALLEL, "logger=none", "trainer.batch_size=4", f"hydra.sweep.dir={sweep_dir}",
+            "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2"]
+    result = run_cli(args, tmp_path, timeout=600, env=slurm_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = run_cli([*DATA_PARALLEL, "trainer.batch_size=8", "hydra.run.dir=single"], tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    [run_dir] = [p.parent for p in sweep_dir.glob("*/results.json")]
+    events, losses = train_log(run_dir)
+    events_single, losses_single = train_log(tmp_path / "single")
+    assert events == events_single  # one writer
+    assert losses == pytest.approx(losses_single, rel=1e-5)
+    assert json.loads((run_dir / "results.json").read_text())["acc_matrix"] == json.loads((tmp_path / "single" / "results.json").read_text())["acc_matrix"]

@@ -20,6 +20,7 @@ from cl_runner.errors import UserError
 from cl_runner.formatting import TokenizedExample
 from cl_runner.training.batching import BATCH_LAYOUTS, length_grouped_batches, training_batch
 from cl_runner.training.loss import answer_token_loss, weighted_objective
+from cl_runner.distributed import World, sum_gradients, sum_over_ranks
 from cl_runner.training.mid_task import MidTaskCheckpoint
 from cl_runner.training.precision import PRECISIONS, MasterWeights, autocast_context
 
@@ -77,28 +78,32 @@ def step_token_weights(step: Sequence[MixedBatch], replay_share: float) -> tuple
 class TrainingLoop:
     """Trains one task. Configured by the ``trainer`` config group (see conf/config.yaml)."""
 
-    def __init__(self, cfg, device: torch.device, pad_token_id: int, on_step: Callable[[dict], None] | None = None):
+    def __init__(self, cfg, device: torch.device, pad_token_id: int, on_step: Callable[[dict], None] | None = None, world: World = World()):
         self.cfg = cfg
         self.device = device
         self.pad_token_id = pad_token_id
         self.on_step = on_step or (lambda record: None)
+        self.world = world  # data parallelism: each rank trains on its share of every global micro-batch
 
     def _batches(self, examples: Sequence[TokenizedExample], rng: random.Random) -> list[list[TokenizedExample]]:
         lengths = [len(e.input_ids) for e in examples]
         batches = []
+        size = self.cfg.batch_size * self.world.size  # the global micro-batch: every rank draws the same ones
         for _ in range(self.cfg.epochs):
             if self.cfg.group_by_length:
-                index_batches = length_grouped_batches(lengths, self.cfg.batch_size, rng)
+                index_batches = length_grouped_batches(lengths, size, rng)
             else:
                 order = list(range(len(examples)))
                 rng.shuffle(order)
-                index_batches = [order[i : i + self.cfg.batch_size] for i in range(0, len(order), self.cfg.batch_size)]
+                index_batches = [order[i : i + size] for i in range(0, len(order), size)]
             batches.extend([examples[i] for i in idx] for idx in index_batches)
         return batches
 
     def micro_step(self, model, method, current, replayed, weights: tuple[float, float], micro_batches_in_step: int, scaler) -> float:
         """Forward and backward of one micro-batch; returns its contribution to the step's loss."""
         examples = list(current) + list(replayed)
+        if not examples:  # this rank's share of a short last micro-batch
+            return 0.0
         per_example = [weights[0]] * len(current) + [weights[1]] * len(replayed)
         batch = training_batch(model, examples, per_example, self.pad_token_id, self.cfg.get("batch_layout", "padded"), self.cfg.get("row_tokens", 1024))
         batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -108,7 +113,7 @@ class TrainingLoop:
             # Terms that are not sums over tokens (regularisers, router losses) enter once per step.
             for term in (outputs.aux_loss, method.extra_loss(model, batch, outputs)):
                 if term is not None:
-                    loss = loss + term / micro_batches_in_step
+                    loss = loss + term / (micro_batches_in_step * self.world.size)  # every rank adds it
         scaler.scale(loss).backward()
         return float(loss.detach())
 
@@ -118,13 +123,15 @@ class TrainingLoop:
         The gradient is that of one batch holding all of them (token-weighted, see
         ``step_token_weights``), summed in fp32 when the weights are not.
         """
-        weights = step_token_weights(mixed, replay_share)
+        weights = step_token_weights(mixed, replay_share)  # over the global step, so every rank weighs tokens alike
         step_loss = 0.0
         for current, replayed in mixed:
-            step_loss += self.micro_step(model, method, current, replayed, weights, len(mixed), scaler)
+            step_loss += self.micro_step(model, method, self.world.share(current), self.world.share(replayed), weights, len(mixed), scaler)
             if masters is not None:
                 masters.gradients_to_master()
-        return step_loss
+        if masters is not None:
+            sum_gradients(masters.parameters, self.world)
+        return sum_over_ranks(step_loss, self.world)
 
     def train(self, model, parameters, examples, method, replay, seed: int, task_name: str = "", checkpoint: MidTaskCheckpoint | None = None) -> dict:
         """Run the configured epochs (or ``max_steps`` optimizer steps) over ``examples``.
@@ -150,7 +157,7 @@ class TrainingLoop:
         saved = checkpoint.load() if checkpoint is not None else None
         if saved is not None:
             done, tokens, started = checkpoint.restore(saved, masters, optimizer, schedule, scaler, rng)
-        progress = tqdm(total=len(steps), initial=done, desc=f"train {task_name}", leave=False, disable=not cfg.progress_bar, dynamic_ncols=True)
+        progress = tqdm(total=len(steps), initial=done, desc=f"train {task_name}", leave=False, disable=not cfg.progress_bar or not self.world.is_main, dynamic_ncols=True)
         for step_index, step in enumerate(steps, start=1):
             if step_index <= done:  # trained before the interruption; the data order is the same
                 continue

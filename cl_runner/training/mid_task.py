@@ -31,9 +31,10 @@ class MidTaskCheckpoint:
     path: Path
     task_index: int
     every: int | None  # optimizer steps between saves; None: never save (a saved file is still resumed)
+    writer: bool = True  # under data parallelism only rank 0 writes; every rank reads the file on resume
 
     def due(self, step: int, total_steps: int) -> bool:
-        return bool(self.every) and step % self.every == 0 and step < total_steps  # the last step ends the task anyway
+        return self.writer and bool(self.every) and step % self.every == 0 and step < total_steps  # the last step ends the task anyway
 
     def save(self, step: int, tokens: int, seconds: float, masters, optimizer, schedule, scaler, rng: random.Random) -> None:
         state = {
@@ -82,6 +83,8 @@ class MidTaskCheckpoint:
         return state["step"], state["tokens"], time.perf_counter() - state["seconds"]
 
     def clear(self) -> None:
+        if not self.writer:
+            return
         self.path.unlink(missing_ok=True)
         for partial in self.path.parent.glob(self.path.name + ".*.tmp*"):  # left by a kill during a save
             partial.unlink(missing_ok=True)

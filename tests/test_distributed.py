@@ -1,0 +1,65 @@
+"""Data parallelism on CPU: ``torchrun`` with two gloo processes at batch size b follows one process at 2b.
+
+The whole runner runs in both: the loss curve, the trained weights and the accuracy matrix
+(scored with the tasks dealt out to the two ranks and gathered) must match the single
+process's, and only rank 0 may write the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import DATA_PARALLEL as SETTINGS, run_cli, train_log
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args: list[str], cwd: Path, processes: int) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={_free_port()}",
+               "-m", "cl_runner", *args]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _adapters(run_dir: Path) -> dict[str, torch.Tensor]:
+    last = sorted((run_dir / "checkpoints").iterdir())[-1]
+    return {k: v for f in sorted(last.rglob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_two_gloo_ranks_at_batch_4_follow_one_process_at_batch_8(tmp_path):
+    single = run_cli([*SETTINGS, "trainer.batch_size=8", "hydra.run.dir=single"], cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ranks = _torchrun([*SETTINGS, "trainer.batch_size=4", "hydra.run.dir=ranks"], tmp_path, processes=2)
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    one, two = tmp_path / "single", tmp_path / "ranks"
+
+    events_one, losses_one = train_log(one)
+    events_two, losses_two = train_log(two)
+    assert events_two == events_one  # rank 1 wrote no line of its own (one "start", one record per step and row)
+    assert len(losses_one) == 4 * 4  # 4 steps on each of the smoke sequence's 4 tasks
+    assert losses_two == pytest.approx(losses_one, rel=1e-5)
+
+    adapters_one, adapters_two = _adapters(one), _adapters(two)
+    assert adapters_one.keys() == adapters_two.keys() and adapters_one
+    for name, value in adapters_one.items():
+        assert torch.allclose(adapters_two[name], value, atol=1e-5), name
+
+    results_one, results_two = (json.loads((d / "results.json").read_text()) for d in (one, two))
+    # Every task scored by one of the ranks, the answers gathered in task order.
+    assert results_two["acc_matrix"] == results_one["acc_matrix"] and len(set(map(tuple, results_one["acc_matrix"]))) > 1
+    assert results_two["task_scores"] == results_one["task_scores"] and results_two["general"] == results_one["general"]
+    assert [t["tokens"] for t in results_two["train"]] == [t["tokens"] for t in results_one["train"]]  # the global batches' tokens
+    assert not list(two.glob("*.tmp*")) and (two / "state.json").exists()
