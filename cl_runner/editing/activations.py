@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cl_runner.forward import forward_selected
 from cl_runner.layout import pad_right
 
 
@@ -89,6 +90,7 @@ def io_at(model, module: torch.nn.Module, prompts: Sequence[SubjectPrompt], pad_
     ids, mask = right_padded([p.input_ids for p in prompts], pad_id, device)
     rows = torch.arange(len(prompts), device=device)
     cols = torch.tensor([p.subject_last for p in prompts], device=device)
+    nothing = torch.zeros(0, dtype=torch.long, device=device)
     with reading(module) as seen:
-        model(input_ids=ids, attention_mask=mask)
+        forward_selected(model, ids, nothing, nothing, attention_mask=mask)  # no logits are read: the head runs on no position
     return seen["input"][rows, cols].float(), seen["output"][rows, cols].float()

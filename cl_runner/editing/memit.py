@@ -57,14 +57,17 @@ def null_space_projector(second_moment: torch.Tensor, threshold: float) -> torch
 
 def keys_at(model, tokenizer, module, requests: list[EditRequest], template_groups: list[list[str]]) -> torch.Tensor:
     """(in, n): each request's key, the module input at its last subject token averaged within each
-    group of templates, then over the groups (as MEMIT does: the bare prompt weighs as much as a group)."""
-    columns = []
-    for request in requests:
+    group of templates, then over the groups (as MEMIT does: the bare prompt weighs as much as a group).
+    Every request's every template is read in one forward pass."""
+    prompts = [encode_subject_prompt(tokenizer, request.prompt, request.subject, context)
+               for request in requests for group in template_groups for context in group]
+    keys, _ = io_at(model, module, prompts, tokenizer.pad_token_id)
+    columns, start = [], 0
+    for _ in requests:
         group_means = []
         for group in template_groups:
-            prompts = [encode_subject_prompt(tokenizer, request.prompt, request.subject, context) for context in group]
-            keys, _ = io_at(model, module, prompts, tokenizer.pad_token_id)
-            group_means.append(keys.mean(0))
+            group_means.append(keys[start : start + len(group)].mean(0))
+            start += len(group)
         columns.append(torch.stack(group_means).mean(0))
     return torch.stack(columns, dim=1)
 

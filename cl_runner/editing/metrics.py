@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from cl_runner.editing.activations import right_padded, target_ids
+from cl_runner.forward import forward_selected
 
 
 @torch.no_grad()
@@ -39,10 +40,14 @@ def teacher_forced(model, tokenizer, prompts: Sequence[str], targets: Sequence[s
         for start in range(0, len(prompts), batch_size):
             encoded = [(tokenizer(p)["input_ids"], target_ids(tokenizer, t)) for p, t in zip(prompts[start : start + batch_size], targets[start : start + batch_size])]
             ids, mask = right_padded([p + t for p, t in encoded], tokenizer.pad_token_id, device)
-            log_probs = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
-            for row, (prompt, target) in enumerate(encoded):
-                positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(target), device=device)
-                picked = log_probs[row, positions]
+            # Target token i is predicted at position len(prompt) - 1 + i; only those positions reach the vocabulary projection.
+            rows = torch.tensor([row for row, (_, target) in enumerate(encoded) for _ in target], device=device)
+            cols = torch.tensor([len(prompt) - 1 + i for prompt, target in encoded for i in range(len(target))], device=device)
+            log_probs = forward_selected(model, ids, rows, cols, attention_mask=mask).logits.float().log_softmax(-1)
+            start_at = 0
+            for prompt, target in encoded:
+                picked = log_probs[start_at : start_at + len(target)]
+                start_at += len(target)
                 nll = -picked[torch.arange(len(target), device=device), torch.tensor(target, device=device)].mean().item()
                 results.append((nll, picked.argmax(-1).tolist()))
     finally:

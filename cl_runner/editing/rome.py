@@ -26,6 +26,7 @@ import torch
 
 from cl_runner.editing.activations import adding_at, encode_subject_prompt, io_at, right_padded, target_ids
 from cl_runner.editing.layout import ModuleTemplates, outer_update
+from cl_runner.forward import forward_selected
 from cl_runner.editing.requests import EditRequest
 
 
@@ -79,11 +80,12 @@ def fit_value(model, tokenizer, module: torch.nn.Module, request: EditRequest, t
     ids, mask = right_padded(sequences, tokenizer.pad_token_id, device)
     rows = torch.arange(len(sequences), device=device)
     cols = torch.tensor([r.subject_last for r in rewrites] + [kl_prompt.subject_last], device=device)
-    # Teacher forcing: target token i of prompt p is predicted at position len(prompt p) - 1 + i.
-    read_rows = torch.tensor([p for p in range(len(rewrites)) for _ in target], device=device)
-    read_cols = torch.tensor([len(r.input_ids) - 1 + i for r in rewrites for i in range(len(target))], device=device)
+    # Teacher forcing: target token i of prompt p is predicted at position len(prompt p) - 1 + i;
+    # the KL term reads the last position read (the KL prompt's subject's last token). The
+    # vocabulary projection runs at these positions only (forward_selected).
+    read_rows = torch.tensor([p for p in range(len(rewrites)) for _ in target] + [len(rewrites)], device=device)
+    read_cols = torch.tensor([len(r.input_ids) - 1 + i for r in rewrites for i in range(len(target))] + [kl_prompt.subject_last], device=device)
     read_tokens = torch.tensor(target * len(rewrites), device=device)
-    kl_row, kl_col = len(rewrites), kl_prompt.subject_last
 
     delta = torch.zeros_like(start_value, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=settings.v_lr)
@@ -92,9 +94,9 @@ def fit_value(model, tokenizer, module: torch.nn.Module, request: EditRequest, t
     for step in range(settings.v_num_grad_steps):
         optimizer.zero_grad()
         with adding_at(module, rows, cols, delta):
-            log_probs = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
-        nll = -log_probs[read_rows, read_cols, read_tokens].view(len(rewrites), len(target)).mean(1).mean()
-        kl_log_probs = log_probs[kl_row, kl_col]
+            log_probs = forward_selected(model, ids, read_rows, read_cols, attention_mask=mask).logits.float().log_softmax(-1)
+        nll = -log_probs[torch.arange(len(read_tokens), device=device), read_tokens].view(len(rewrites), len(target)).mean(1).mean()
+        kl_log_probs = log_probs[-1]
         if initial_kl is None:  # delta is zero on the first pass: the unedited distribution
             initial_kl, initial_nll = kl_log_probs.detach(), nll.item()
         kl = torch.sum(kl_log_probs.exp() * (kl_log_probs - initial_kl))  # KL(edited || original), as ROME's code computes it
