@@ -58,9 +58,16 @@ def test_a_two_job_sweep_runs_as_slurm_jobs(slurm_env, tmp_path):
     assert len(job_ids) == 2
 
 
-def test_a_requeued_job_resumes_and_ends_as_an_uninterrupted_run(slurm_env, tmp_path):
-    """`scontrol requeue` stops a running job (SIGTERM, then SIGKILL) and queues it again; the
-    job runs again in the same run directory and resumes after its last checkpoint."""
+# Two ways a running job is stopped and queued again: `scontrol requeue` (SIGTERM, then SIGKILL:
+# what a preemption that requeues does), and the signal SLURM sends `signal_delay_s` before the
+# time limit (USR2), on which submitit's handler resubmits the job itself (hydra-submitit-launcher's
+# checkpoint()) and requeues it.
+INTERRUPTIONS = {"scontrol_requeue": lambda job: ["scontrol", "requeue", job], "time_limit_signal": lambda job: ["scancel", "--signal=USR2", job]}
+
+
+@pytest.mark.parametrize("interruption", INTERRUPTIONS)
+def test_a_requeued_job_resumes_and_ends_as_an_uninterrupted_run(slurm_env, tmp_path, interruption):
+    """The stopped job runs again in the same run directory and resumes from its last step checkpoint."""
     base = ["experiment=smoke", *QUIET, "logger=none", "trainer.num_threads=1", "trainer.max_steps=160", "trainer.epochs=40", "trainer.checkpoint_every=5",
             "task_sequence.tasks=[second_word,third_word,last_word]"]
     sweep_dir = tmp_path / "sweep"
@@ -74,7 +81,7 @@ def test_a_requeued_job_resumes_and_ends_as_an_uninterrupted_run(slurm_env, tmp_
         time.sleep(0.05)
     run_dir = written[0].parents[1]
     [job] = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True, check=True).stdout.split()
-    subprocess.run(["scontrol", "requeue", job], env=env, check=True, capture_output=True)
+    subprocess.run(INTERRUPTIONS[interruption](job), env=env, check=True, capture_output=True)
     # SLURM holds a job requeued while it was still completing for 120 s (BeginTime): start it now.
     for _ in range(200):
         state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], env=env, capture_output=True, text=True).stdout.split()
