@@ -18,10 +18,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+from cl_runner.errors import UserError
 
 T = TypeVar("T")
 
@@ -42,7 +45,9 @@ class World:
 
     def device(self, device: torch.device) -> torch.device:
         """Each rank on a machine takes its own GPU (``cuda`` means ``cuda:LOCAL_RANK`` here)."""
-        if self.size > 1 and device.type == "cuda" and device.index is None:
+        if self.size > 1 and device.type == "cuda":
+            if device.index is not None:
+                raise UserError(f"trainer.device={device} would put every rank on one GPU; use trainer.device=cuda (each rank takes cuda:LOCAL_RANK)")
             return torch.device("cuda", self.local_rank)
         return device
 
@@ -62,9 +67,40 @@ class World:
         """Each job run on one rank; every rank gets every answer."""
         return self.map_shared(len(jobs), lambda indices: [jobs[i]() for i in indices])
 
+    def gather(self, value: T) -> list[T]:
+        """Every rank's ``value``, in rank order, on every rank."""
+        if self.size == 1:
+            return [value]
+        gathered: list = [None] * self.size
+        dist.all_gather_object(gathered, value)
+        return gathered
 
-def current_world(device_name: str = "cpu") -> World:
-    """The process group torchrun describes in the environment (joined here on first use), or one process."""
+    def merge_reports(self, report: dict | None) -> dict | None:
+        """A method's row report, merged over the ranks: each rank saw the tasks it scored."""
+        reports = [r for r in self.gather(report) if r is not None]
+        return _merge_dicts(reports) if reports else None
+
+    def check_same(self, value, what: str) -> None:
+        """Refuse to go on if the ranks disagree (their collectives would no longer line up)."""
+        values = self.gather(value)
+        if any(v != values[0] for v in values):
+            raise RuntimeError(f"the ranks disagree on {what}: {values}")
+
+
+def _merge_dicts(dicts: Sequence[dict]) -> dict:
+    merged: dict = {}
+    for part in dicts:
+        for key, value in part.items():
+            merged[key] = _merge_dicts([merged[key], value]) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def current_world(device_name: str = "cpu", timeout_min: float = 120) -> World:
+    """The process group torchrun describes in the environment (joined here on first use), or one process.
+
+    ``timeout_min``: how long a rank waits in a collective. The other ranks wait while rank 0
+    writes checkpoints and results, and while ranks score unequal shares of a row, so the
+    libraries' default (10 minutes for NCCL) is too short for a 7B model's checkpoint."""
     _export_slurm_tasks()
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
@@ -74,7 +110,7 @@ def current_world(device_name: str = "cpu") -> World:
         on_gpu = torch.cuda.is_available() and not str(device_name).startswith("cpu")
         if on_gpu:
             torch.cuda.set_device(local_rank)  # NCCL's collectives (and all_gather_object) use the current device
-        dist.init_process_group("nccl" if on_gpu else "gloo")
+        dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timedelta(minutes=timeout_min))
     return World(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
@@ -90,15 +126,22 @@ def _export_slurm_tasks() -> None:
 
 
 def sum_gradients(parameters: Sequence[torch.nn.Parameter], world: World) -> None:
-    """Sum every parameter's gradient over the ranks (a rank whose share was empty contributes zeros).
+    """Sum every parameter's gradient over the ranks.
 
-    One all-reduce per dtype and device over a flat buffer: a LoRA model has hundreds of small
-    tensors, and one collective each would cost a round trip each.
+    A parameter no rank computed a gradient for keeps ``grad=None``, so the optimizer skips it
+    (no weight decay, no momentum step) as it does in one process; one that only some ranks
+    reached gets zeros from the others. One all-reduce per dtype and device over a flat
+    buffer: a LoRA model has hundreds of small tensors, and one collective each would cost a
+    round trip each.
     """
     if world.size == 1:
         return
+    reached = torch.tensor([p.grad is not None for p in parameters], dtype=torch.float32, device=_collective_device())
+    dist.all_reduce(reached, op=dist.ReduceOp.SUM)
     groups: dict[tuple, list[torch.nn.Parameter]] = {}
-    for parameter in parameters:
+    for parameter, count in zip(parameters, reached.tolist()):
+        if not count:
+            continue
         if parameter.grad is None:
             parameter.grad = torch.zeros_like(parameter)
         groups.setdefault((parameter.grad.dtype, parameter.grad.device), []).append(parameter)
@@ -111,9 +154,13 @@ def sum_gradients(parameters: Sequence[torch.nn.Parameter], world: World) -> Non
             offset += p.grad.numel()
 
 
+def _collective_device() -> str:
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+
 def sum_over_ranks(value: float, world: World) -> float:
     if world.size == 1:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    tensor = torch.tensor([value], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return float(tensor.item())

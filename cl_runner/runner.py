@@ -210,7 +210,7 @@ class Experiment:
         answers = iter(self.world.run_shared(extras))
         general = next(answers) if self.probe is not None else None
         fluency = next(answers) if self.fluency_prompts else None
-        report = self.method.row_report(tasks_learnt)
+        report = self.world.merge_reports(self.method.row_report(tasks_learnt))  # each rank saw the tasks it scored
         self.events.evaluation(tasks_learnt, self.task_names, scores, general, task_scores, report, fluency)
         return Row(scores, task_scores, general, time.perf_counter() - started, report, fluency)
 
@@ -338,7 +338,7 @@ def run(cfg: DictConfig, run_dir: str | Path, snapshot: Callable[[Path], None] |
     train and score their share alongside it (cl_runner.distributed).
     """
     run_dir = Path(run_dir)
-    world = current_world(str(cfg.trainer.device))
+    world = current_world(str(cfg.trainer.device), float(cfg.trainer.get("distributed_timeout_min") or 120))
     if not world.is_main:
         log.setLevel(logging.WARNING)  # one copy of each progress line, from rank 0
     with RunLock(run_dir) if world.is_main else nullcontext():  # a second process on the same directory is refused here

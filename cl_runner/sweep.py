@@ -37,10 +37,17 @@ OUTCOMES: list[JobOutcome] = []
 
 
 def run_job(run: Callable[[], object], run_dir: Path, sweep_dir: Path | None = None) -> None:
-    """Run one sweep job; record its outcome and never raise (except on Ctrl-C, which ends the sweep)."""
+    """Run one sweep job; record its outcome and never raise (except on Ctrl-C, which ends the sweep).
+
+    A data-parallel job (several ranks) is the exception: a rank that failed raises, so that
+    torchrun or srun (``--kill-on-bad-exit``) stop the others instead of leaving them waiting
+    in a collective. Only rank 0 files the outcome.
+    """
+    failure = None
     try:
         run()
     except Exception as exc:  # noqa: BLE001 - one bad job must not end the other jobs of the sweep
+        failure = exc
         reason = one_line(exc)
         if debug_enabled():
             traceback.print_exception(exc, file=sys.stderr)
@@ -49,8 +56,10 @@ def run_job(run: Callable[[], object], run_dir: Path, sweep_dir: Path | None = N
     else:
         outcome = JobOutcome(run_dir, None)
     OUTCOMES.append(outcome)
-    if sweep_dir is not None:
+    if sweep_dir is not None and int(os.environ.get("RANK", "0")) == 0:
         _write_outcome(Path(sweep_dir), outcome)
+    if failure is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise failure
 
 
 # Set by the sweep's own process: its jobs file their outcomes under this id, so two sweeps

@@ -63,3 +63,44 @@ def test_two_gloo_ranks_at_batch_4_follow_one_process_at_batch_8(tmp_path):
     assert results_two["task_scores"] == results_one["task_scores"] and results_two["general"] == results_one["general"]
     assert [t["tokens"] for t in results_two["train"]] == [t["tokens"] for t in results_one["train"]]  # the global batches' tokens
     assert not list(two.glob("*.tmp*")) and (two / "state.json").exists()
+
+
+def _collectives(rank: int, port: int, queue) -> None:
+    import torch.distributed as dist
+
+    from cl_runner.distributed import current_world, sum_gradients
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    world = current_world("cpu")
+    reached_by_one, reached_by_both, reached_by_none = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+    if rank == 0:
+        reached_by_one.grad = torch.tensor([1.0, 2.0, 3.0])
+    reached_by_both.grad = torch.full((3,), float(rank + 1))
+    sum_gradients([reached_by_one, reached_by_both, reached_by_none], world)
+    report = world.merge_reports({"task_identification": {str(rank): 0.5 + rank}})
+    try:
+        world.check_same(rank, "the rank")
+        disagreement = None
+    except RuntimeError as exc:
+        disagreement = str(exc)
+    queue.put((rank, reached_by_one.grad.tolist(), reached_by_both.grad.tolist(), reached_by_none.grad, report, disagreement))
+    dist.destroy_process_group()
+
+
+def test_gradients_reports_and_agreement_across_two_ranks():
+    """A parameter no rank reached keeps grad=None (AdamW then leaves it alone, as in one process);
+    one reached by some ranks gets their sum; method reports merge; disagreement stops both ranks."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    queue, port = context.Queue(), _free_port()
+    processes = [context.Process(target=_collectives, args=(rank, port, queue)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    answers = sorted(queue.get(timeout=120) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+    for rank, one, both, none, report, disagreement in answers:
+        assert one == [1.0, 2.0, 3.0] and both == [3.0, 3.0, 3.0] and none is None
+        assert report == {"task_identification": {"0": 0.5, "1": 1.5}}
+        assert disagreement is not None and "the rank" in disagreement

@@ -32,6 +32,8 @@ from cl_runner.errors import UserError
 
 log = logging.getLogger(__name__)
 
+KEY_BATCH = 64  # prompts per forward pass when reading keys (a mass edit of thousands of requests stays in memory)
+
 
 @dataclass(frozen=True)
 class MemitSettings:
@@ -58,10 +60,10 @@ def null_space_projector(second_moment: torch.Tensor, threshold: float) -> torch
 def keys_at(model, tokenizer, module, requests: list[EditRequest], template_groups: list[list[str]]) -> torch.Tensor:
     """(in, n): each request's key, the module input at its last subject token averaged within each
     group of templates, then over the groups (as MEMIT does: the bare prompt weighs as much as a group).
-    Every request's every template is read in one forward pass."""
+    The prompts of several requests share a forward pass (``KEY_BATCH`` prompts at a time)."""
     prompts = [encode_subject_prompt(tokenizer, request.prompt, request.subject, context)
                for request in requests for group in template_groups for context in group]
-    keys, _ = io_at(model, module, prompts, tokenizer.pad_token_id)
+    keys = torch.cat([io_at(model, module, prompts[i : i + KEY_BATCH], tokenizer.pad_token_id)[0] for i in range(0, len(prompts), KEY_BATCH)])
     columns, start = [], 0
     for _ in requests:
         group_means = []

@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+import torch
+
 from peft import LoraConfig, get_peft_model
 
 from cl_runner.errors import UserError
@@ -130,7 +132,11 @@ class PeftAdapter(ContinualMethod):
             model.delete_adapter(MERGED)
         names = [self.adapter_name(t) for t in range(tasks_learnt)]
         options = {"density": self.merge["density"]} if self.merge["density"] is not None else {}
-        model.add_weighted_adapter(names, self.merge_weights(tasks_learnt), MERGED, combination_type=MERGE_METHODS[self.merge["method"]], **options)
+        # DARE's random pruning draws from its own stream, seeded by the run (the last task's seed):
+        # the merged adapter does not depend on which task was scored first, nor on the rank that scores it.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(torch.initial_seed() + tasks_learnt)
+            model.add_weighted_adapter(names, self.merge_weights(tasks_learnt), MERGED, combination_type=MERGE_METHODS[self.merge["method"]], **options)
         model.set_adapter(self.adapter_name(self.current))
         self._merged_from = tasks_learnt
 

@@ -99,8 +99,11 @@ class TrainingLoop:
             batches.extend([examples[i] for i in idx] for idx in index_batches)
         return batches
 
-    def micro_step(self, model, method, current, replayed, weights: tuple[float, float], micro_batches_in_step: int, scaler) -> float:
-        """Forward and backward of one micro-batch; returns its contribution to the step's loss."""
+    def micro_step(self, model, method, current, replayed, weights: tuple[float, float], micro_batches_in_step: int, scaler, ranks_sharing: int = 1) -> float:
+        """Forward and backward of one micro-batch; returns its contribution to the step's loss.
+
+        ``ranks_sharing``: how many ranks got part of this micro-batch (each adds the
+        once-per-step terms, so each adds its share of them)."""
         examples = list(current) + list(replayed)
         if not examples:  # this rank's share of a short last micro-batch
             return 0.0
@@ -113,7 +116,7 @@ class TrainingLoop:
             # Terms that are not sums over tokens (regularisers, router losses) enter once per step.
             for term in (outputs.aux_loss, method.extra_loss(model, batch, outputs)):
                 if term is not None:
-                    loss = loss + term / (micro_batches_in_step * self.world.size)  # every rank adds it
+                    loss = loss + term / (micro_batches_in_step * ranks_sharing)
         scaler.scale(loss).backward()
         return float(loss.detach())
 
@@ -126,7 +129,8 @@ class TrainingLoop:
         weights = step_token_weights(mixed, replay_share)  # over the global step, so every rank weighs tokens alike
         step_loss = 0.0
         for current, replayed in mixed:
-            step_loss += self.micro_step(model, method, self.world.share(current), self.world.share(replayed), weights, len(mixed), scaler)
+            sharing = min(self.world.size, max(len(current), len(replayed)))  # a rank past both lists' ends gets nothing
+            step_loss += self.micro_step(model, method, self.world.share(current), self.world.share(replayed), weights, len(mixed), scaler, sharing)
             if masters is not None:
                 masters.gradients_to_master()
         if masters is not None:
@@ -155,6 +159,9 @@ class TrainingLoop:
         model.train()
         tokens, started, record, done = 0, time.perf_counter(), {}, 0
         saved = checkpoint.load() if checkpoint is not None else None
+        # A rank that could not read the file (a flaky shared file system) would train other steps
+        # than the others, and their collectives would no longer line up: stop instead.
+        self.world.check_same(saved["step"] if saved is not None else 0, "the step a mid-task checkpoint resumes from")
         if saved is not None:
             done, tokens, started = checkpoint.restore(saved, masters, optimizer, schedule, scaler, rng)
         progress = tqdm(total=len(steps), initial=done, desc=f"train {task_name}", leave=False, disable=not cfg.progress_bar or not self.world.is_main, dynamic_ncols=True)
