@@ -50,6 +50,7 @@ class Row:
     seconds: float
     report: dict | None = None  # the method's row_report (e.g. task-identification accuracy)
     fluency: float | None = None  # ROME's generation entropy, for sequences that set task_sequence.fluency
+    abilities: dict | None = None  # {suite: {score: value}} of the eval.suites (cl_runner/evaluation/suites.py)
 
 
 @dataclass
@@ -66,6 +67,7 @@ class RunState:
     invocations: list[dict] = field(default_factory=list)  # provenance.invocation_record() of each invocation
     method_reports: list = field(default_factory=list)  # the method's row_report per row (None where it has none)
     fluency: list = field(default_factory=list)  # per row, for sequences that measure it
+    abilities: list = field(default_factory=list)  # per row: {suite: {score: value}} (None where no suite ran)
     writer: bool = field(default=True, repr=False)  # False on data-parallel ranks other than 0: they keep the state, rank 0 writes it
 
     @property
@@ -108,7 +110,7 @@ class RunState:
         state = cls(
             run_dir, settings, tasks, saved["acc_matrix"], saved["general"], saved["task_scores"], saved["train_stats"], saved["timing"],
             data, saved.get("invocations", []), saved.get("method_reports", [None] * len(saved["acc_matrix"])),
-            saved.get("fluency", []),
+            saved.get("fluency", []), saved.get("abilities", [None] * len(saved["acc_matrix"])),
         )
         missing = [str(p) for p in state.completed_checkpoints() if not p.is_dir()]
         if missing:
@@ -136,6 +138,7 @@ class RunState:
         self.method_reports.append(row.report)
         if row.fluency is not None:
             self.fluency.append(row.fluency)
+        self.abilities.append(row.abilities)
 
     def commit_task(self, task_index: int, write_checkpoint, row: Row, stats: dict) -> None:
         """Write task ``task_index``'s checkpoint, then record its row: a kill in between leaves no trace."""

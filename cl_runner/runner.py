@@ -31,11 +31,12 @@ from cl_runner.methods.base import ContinualMethod
 from cl_runner.editing.locality import attach_locality_references
 from cl_runner.evaluation import evaluate_task, evaluate_tasks
 from cl_runner.evaluation.fluency import fluency_settings, generation_fluency
+from cl_runner.evaluation.suites import build_suites, score_suite
 from cl_runner.formatting import PromptFormatter
 from cl_runner.loggers import NullLogger
 from cl_runner.models import load_model, resolve_device
 from cl_runner.atomic_io import write_json_atomic
-from cl_runner.plots import plot_heatmap
+from cl_runner.plots import plot_abilities, plot_heatmap
 from cl_runner.provenance import invocation_record
 from cl_runner.resources import PeakMemory, parameter_count
 from cl_runner.results import build_results
@@ -82,16 +83,19 @@ class EventLog:
         line = self.write({"event": "train_step", "task": task_name, **record})
         self.logger.log_step(record, task_name, step=line)
 
-    def evaluation(self, row: int, task_names: list[str], scores: list[float], general: float | None, task_scores: list[dict], report: dict | None = None,
-                   fluency: float | None = None) -> None:
-        event = {"event": "eval", "tasks_learnt": row, "scores": dict(zip(task_names, scores)), "general_probe": general}
-        if fluency is not None:
-            event["fluency"] = fluency
-        event["task_scores"] = dict(zip(task_names, task_scores))
-        if report is not None:
-            event["method_report"] = report
+    def evaluation(self, tasks_learnt: int, task_names: list[str], row: Row) -> None:
+        event = {"event": "eval", "tasks_learnt": tasks_learnt, "scores": dict(zip(task_names, row.scores)), "general_probe": row.general}
+        if row.fluency is not None:
+            event["fluency"] = row.fluency
+        if row.abilities:
+            event["abilities"] = row.abilities
+        event["task_scores"] = dict(zip(task_names, row.task_scores))
+        if row.report is not None:
+            event["method_report"] = row.report
         line = self.write(event)
-        self.logger.log_evaluation(row, task_names, scores, general, task_scores, step=line, extra={"fluency": fluency})
+        extra = {"fluency": row.fluency}
+        extra.update({f"ability/{suite}/{key}": value for suite, scores in (row.abilities or {}).items() for key, value in scores.items()})
+        self.logger.log_evaluation(tasks_learnt, task_names, row.scores, row.general, row.task_scores, step=line, extra=extra)
 
 
 def resolved_config(cfg: DictConfig) -> dict:
@@ -137,6 +141,7 @@ class Experiment:
         self.method = build(cfg.method, "method")
         self.replay = build(cfg.replay, "replay")
         self.logger = build(cfg.logger, "logger") if world.is_main else NullLogger()
+        self.suites = build_suites(self.config["eval"].get("suites"))
         self._check_rollback()
         self.fluency_prompts, self.fluency_tokens = fluency_settings(self.config["task_sequence"], self.tasks)
         self.replay_tasks = self.replay.data_tasks(list(cfg.task_sequence.task_dirs))
@@ -178,6 +183,8 @@ class Experiment:
         # EasyEdit's locality compares with the unedited model's tokens: taken now, before a resumed run loads its checkpoints.
         base = lambda index: self.method.eval_members(self.model, 0, index)[0]  # noqa: E731
         attach_locality_references(self.model, tokenizer, self.tasks, base, self.cfg.eval.batch_size)
+        for suite in self.suites.values():  # also before the checkpoints load: what the base model does
+            suite.setup(self.model, self.formatter, self.device, self.cfg.eval.batch_size)
         self.replay.setup(self._encode, self.replay_tasks)
         self.events = EventLog(self.run_dir / "train_log.jsonl", self.logger, writer=self.world.is_main)
         self.loop = TrainingLoop(self.cfg.trainer, self.device, tokenizer.pad_token_id, world=self.world)
@@ -207,12 +214,16 @@ class Experiment:
             extras.append(lambda: evaluate_task(self.model, self.formatter, self.probe, self.cfg.eval.batch_size, self.device, deployed(), router_of(None))[self.probe.metric])
         if self.fluency_prompts:
             extras.append(lambda: generation_fluency(self.model, self.raw_formatter, self.fluency_prompts, self.fluency_tokens, self.cfg.eval.batch_size, self.device, deployed()))
+        for suite in self.suites.values():
+            extras.append(lambda suite=suite: score_suite(suite, self.model, self.formatter, deployed(), self.device, self.cfg.eval.batch_size))
         answers = iter(self.world.run_shared(extras))
         general = next(answers) if self.probe is not None else None
         fluency = next(answers) if self.fluency_prompts else None
+        abilities = {name: next(answers) for name in self.suites} or None
         report = self.world.merge_reports(self.method.row_report(tasks_learnt))  # each rank saw the tasks it scored
-        self.events.evaluation(tasks_learnt, self.task_names, scores, general, task_scores, report, fluency)
-        return Row(scores, task_scores, general, time.perf_counter() - started, report, fluency)
+        row = Row(scores, task_scores, general, time.perf_counter() - started, report, fluency, abilities)
+        self.events.evaluation(tasks_learnt, self.task_names, row)
+        return row
 
     def _score_tasks(self, members_of, router_of, desc: str) -> list[dict]:
         """Every task's scores; under data parallelism each rank scores its share of the tasks."""
@@ -309,7 +320,7 @@ class Experiment:
         self.timing["this_invocation_s"] = seconds
         results = build_results(
             self.task_names, self.state.acc_matrix, self.state.general, self.timing, self.state.train_stats, self.config,
-            self.state.task_scores, self.state.invocations, self.state.method_reports, self.state.fluency,
+            self.state.task_scores, self.state.invocations, self.state.method_reports, self.state.fluency, self.state.abilities,
         )
         if rolled_back is not None:
             results["rollback"] = rolled_back
@@ -317,6 +328,8 @@ class Experiment:
             return results
         write_json_atomic(self.run_dir / "results.json", results)
         heatmap = plot_heatmap(self.task_names, self.state.acc_matrix, self.run_dir / "acc_matrix.png", title=f"{self.cfg.method.name}: R[t][i]")
+        if results["abilities"]:
+            plot_abilities(self.task_names, results["abilities"], {name: suite.headline for name, suite in self.suites.items()}, self.run_dir / "abilities.png")
         self.logger.log_results(results, heatmap, step=self.events.lines)
         metrics = results["metrics"]
         log.info(

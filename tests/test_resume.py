@@ -72,6 +72,7 @@ def test_kill_mid_task_then_resume_matches_uninterrupted(method, tmp_path):
     assert got["general"] == want["general"]
     assert got["task_scores"] == want["task_scores"]  # edit tasks: locality against the base model's tokens, taken before the checkpoints load
     assert got["fluency"] == want["fluency"]
+    assert got["abilities"] == want["abilities"] and got["abilities"]  # the rows before the kill come back from state.json
     assert got["timing"]["train_s"][:2] == trained_before_kill  # tasks 1-2 were not trained again
     assert [s["final_loss"] for s in got["train"]] == [s["final_loss"] for s in want["train"]]
     events = [json.loads(l) for l in (killed_dir / "train_log.jsonl").read_text().splitlines()]

@@ -18,6 +18,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from cl_runner.errors import UserError
+from cl_runner.evaluation.generation import generate
+from cl_runner.tasks import Example
 
 Check = Callable[..., bool]
 
@@ -187,3 +192,49 @@ def check_item(item: Mapping, where: str) -> None:
             CHECKS[iid]("probe", **{k: v for k, v in (kw or {}).items() if v is not None})
         except TypeError as exc:
             raise ValueError(f"{where}: instruction {iid!r}: {exc}") from exc
+
+
+BUILTIN_DATA = Path(__file__).parent / "data" / "instruction_following.jsonl"
+
+
+class InstructionFollowingSuite:
+    """IFEval-style prompts answered greedily (chat template on) and checked by code, on every row.
+
+    ``data``: ``builtin`` (24 hand-written prompts covering every kind, some with two
+    instructions) or a JSONL file in IFEval's schema (``prompt``, ``instruction_id_list``,
+    ``kwargs``; IFEval's own file works for the kinds implemented here). ``size``: the first N
+    prompts (null: all).
+    """
+
+    headline = "prompt_level_strict_acc"
+
+    def __init__(self, data: str = "builtin", size: int | None = None, max_new_tokens: int = 96):
+        path = BUILTIN_DATA if data == "builtin" else Path(data)
+        if not path.is_file():
+            raise UserError(f"eval.suites.instruction_following.data: no file {path}")
+        records = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                check_item(record, f"{path} line {number}")
+            except ValueError as exc:
+                raise UserError(f"eval.suites.instruction_following: {exc}") from exc
+            records.append(record)
+        if size is not None and (not isinstance(size, int) or size < 1):
+            raise UserError(f"eval.suites.instruction_following.size must be a positive integer or null, got {size!r}")
+        self.items = records[:size]
+        self.max_new_tokens = max_new_tokens
+
+    def setup(self, model, formatter, device, batch_size: int) -> None:
+        """Nothing to record on the base model."""
+
+    def score(self, model, formatter, members, device, batch_size: int) -> dict[str, float]:
+        examples = [Example(item["prompt"], "") for item in self.items]
+        per_member = []
+        for member in members:
+            with member():
+                responses = generate(model, formatter, examples, self.max_new_tokens, batch_size, device)
+            per_member.append(instruction_scores(responses, self.items))
+        return {key: sum(s[key] for s in per_member) / len(per_member) for key in per_member[0]}
