@@ -40,6 +40,15 @@ def result_settings(config: dict) -> dict:
     return {"cl_runner_format": FORMAT_VERSION, **{k: v for k, v in flatten(config).items() if not is_resume_safe(k)}}
 
 
+def changed_settings(before: dict, now: dict) -> list[str]:
+    """The keys whose values differ. A key that is unset (null, or an empty list or mapping) is
+    the same as one that is absent: a setting added to cl-runner later, off by default (say
+    ``rollback: []``), or a config group that sets nothing (``eval.suites: {}``) does not make
+    an older run directory another experiment."""
+    unset = (None, [], {})
+    return sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and not (before.get(k) in unset and now.get(k) in unset))
+
+
 @dataclass
 class Row:
     """One evaluation of every task: a row of the matrix and what came with it."""
@@ -99,7 +108,7 @@ class RunState:
                 f"run directory {run_dir} was written by another version of cl-runner, which scores tasks differently; "
                 "use another directory (hydra.run.dir=...) or delete this one"
             )
-        changed = sorted(k for k in set(saved["settings"]) | set(settings) if saved["settings"].get(k) != settings.get(k))
+        changed = changed_settings(saved["settings"], settings)
         if changed:
             detail = ", ".join(f"{k}: {saved['settings'].get(k)!r} -> {settings.get(k)!r}" for k in changed[:3])
             raise UserError(

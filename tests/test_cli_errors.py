@@ -91,6 +91,18 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     assert_one_clear_line(second, r"holds a run with other settings \(task_sequence.eval_size: 2 -> 8, trainer.lr: 0.002 -> 0.5\)")
 
 
+def test_an_unset_setting_equals_an_absent_one_but_a_value_does_not():
+    """Settings added later and off by default (rollback: [], eval.suites: {}) leave older run directories resumable."""
+    from cl_runner.run_state import changed_settings
+
+    before = {"trainer.lr": 0.002, "rollback": None}
+    assert changed_settings(before, {"trainer.lr": 0.002, "rollback": []}) == []
+    assert changed_settings(before, {"trainer.lr": 0.002}) == []
+    assert changed_settings(before, {"trainer.lr": 0.002, "rollback": ["a"]}) == ["rollback"]
+    assert changed_settings(before, {"trainer.lr": 0.002, "rollback": None, "eval.suites.x.size": 4}) == ["eval.suites.x.size"]
+    assert changed_settings({"trainer.max_steps": 0}, {"trainer.max_steps": None}) == ["trainer.max_steps"]  # 0 is a value
+
+
 def test_custom_files_sequence_runs_on_user_data(tmp_path):
     """The same template, with good files: a user's own JSONL and CSV tasks run without Python."""
     make_custom_data(tmp_path)
