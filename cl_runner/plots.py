@@ -31,23 +31,22 @@ def plot_heatmap(task_names, acc_matrix, path: Path, title: str = "") -> Path:
 
 
 def plot_abilities(task_names, abilities: dict, headlines: dict, path: Path) -> Path:
-    """Each general-ability suite's headline score per row (base model, then after each task)."""
+    """One panel per general-ability suite: its headline score per row (base model, then after each task)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = ["base"] + [f"after {name}" for name in task_names]
-    fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 3, 3.6))
-    for suite, scores in abilities.items():
+    fig, axes = plt.subplots(1, len(abilities), figsize=((1.0 * len(rows) + 2.5) * len(abilities), 3.6), squeeze=False)
+    for ax, (suite, scores) in zip(axes[0], abilities.items()):
         key = headlines.get(suite) or next(iter(scores))
-        values = scores[key]
-        ax.plot(range(len(values)), [float("nan") if v is None else v for v in values], marker="o", label=f"{suite}: {key}")
-    ax.set_xticks(range(len(rows)), labels=rows, rotation=30, ha="right")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_ylabel("score")
-    ax.set_title("general abilities over the sequence")
-    ax.legend(fontsize=8, loc="best")
+        values = [float("nan") if v is None else v for v in scores[key]]
+        ax.plot(range(len(values)), values, marker="o")
+        ax.set_xticks(range(len(rows)), labels=rows, rotation=30, ha="right")
+        if all(0 <= v <= 1 for v in values if v == v):
+            ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"{suite}: {key}", fontsize=10)
     fig.tight_layout()
     write_file_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)

@@ -31,7 +31,7 @@ from cl_runner.methods.base import ContinualMethod
 from cl_runner.editing.locality import attach_locality_references
 from cl_runner.evaluation import evaluate_task, evaluate_tasks
 from cl_runner.evaluation.fluency import fluency_settings, generation_fluency
-from cl_runner.evaluation.suites import build_suites, score_suite
+from cl_runner.evaluation.suites import build_suites, score_suite, setup_suite
 from cl_runner.formatting import PromptFormatter
 from cl_runner.loggers import NullLogger
 from cl_runner.models import load_model, resolve_device
@@ -184,7 +184,7 @@ class Experiment:
         base = lambda index: self.method.eval_members(self.model, 0, index)[0]  # noqa: E731
         attach_locality_references(self.model, tokenizer, self.tasks, base, self.cfg.eval.batch_size)
         for suite in self.suites.values():  # also before the checkpoints load: what the base model does
-            suite.setup(self.model, self.formatter, self.device, self.cfg.eval.batch_size)
+            setup_suite(suite, self.model, self.formatter, self.method.eval_members(self.model, 0, 0), self.device, self.cfg.eval.batch_size)
         self.replay.setup(self._encode, self.replay_tasks)
         self.events = EventLog(self.run_dir / "train_log.jsonl", self.logger, writer=self.world.is_main)
         self.loop = TrainingLoop(self.cfg.trainer, self.device, tokenizer.pad_token_id, world=self.world)

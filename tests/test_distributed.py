@@ -62,6 +62,9 @@ def test_two_gloo_ranks_at_batch_4_follow_one_process_at_batch_8(tmp_path):
     assert results_two["acc_matrix"] == results_one["acc_matrix"] and len(set(map(tuple, results_one["acc_matrix"]))) > 1
     assert results_two["task_scores"] == results_one["task_scores"] and results_two["general"] == results_one["general"]
     assert [t["tokens"] for t in results_two["train"]] == [t["tokens"] for t in results_one["train"]]  # the global batches' tokens
+    # The ability suites: each scored by one rank, set up on every rank.
+    assert results_two["abilities"]["instruction_following"] == results_one["abilities"]["instruction_following"]
+    assert results_two["abilities"]["instruction_drift"]["kl"] == pytest.approx(results_one["abilities"]["instruction_drift"]["kl"], rel=1e-3, abs=1e-7)
     assert not list(two.glob("*.tmp*")) and (two / "state.json").exists()
 
 

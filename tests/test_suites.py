@@ -25,7 +25,7 @@ class ScriptedSuite:
         self.label = label
         self.row = 0
 
-    def setup(self, model, formatter, device, batch_size):
+    def setup(self, model, formatter, members, device, batch_size):
         CALLS.append(("setup", model.training))
 
     def score(self, model, formatter, members, device, batch_size):
@@ -41,7 +41,7 @@ def test_each_row_stores_every_suite_score_and_its_change_from_the_base_model(tm
     results = run(cfg, tmp_path)
     assert results["abilities"]["scripted"] == {"score": SCRIPT, "twice": [2 * v for v in SCRIPT]}
     assert results["abilities_delta"]["scripted"]["score"] == pytest.approx([0.0, -0.1, -0.05, -0.3, -0.4])
-    assert set(results["abilities"]) == {"scripted", "instruction_following"}  # the default suite runs as well
+    assert set(results["abilities"]) == {"scripted", "instruction_following", "instruction_drift"}  # the default suites run as well
     assert len(results["abilities"]["instruction_following"]["prompt_level_strict_acc"]) == 5
     assert CALLS[0][0] == "setup" and [c[0] for c in CALLS[1:]] == ["score"] * 5
     assert all(not c[1] for c in CALLS if c[0] == "score")  # scored in eval mode (no dropout)
@@ -53,7 +53,7 @@ def test_each_row_stores_every_suite_score_and_its_change_from_the_base_model(tm
 
 
 def test_a_run_without_suites_has_empty_abilities(tmp_path):
-    results = run(compose_config([*SMOKE, "~eval.suites.instruction_following"]), tmp_path)
+    results = run(compose_config([*SMOKE, "~eval.suites"]), tmp_path)
     assert results["abilities"] == {} and results["abilities_delta"] == {}
     assert not (tmp_path / "abilities.png").exists()
 
@@ -69,3 +69,29 @@ def test_a_bad_instruction_file_is_one_clear_error(tmp_path, line, message):
         InstructionFollowingSuite(data=str(data))
     with pytest.raises(UserError, match="no file"):
         InstructionFollowingSuite(data=str(tmp_path / "missing.jsonl"))
+
+
+def test_settings_for_a_suite_the_eval_config_lacks_are_refused(tmp_path):
+    with pytest.raises(UserError, match="eval.suites.instruction_following has settings but no _target_"):
+        run(compose_config([*SMOKE, "eval=tasks_only"]), tmp_path)  # smoke sizes a suite tasks_only does not have
+
+
+def test_kl_along_the_responses_by_hand():
+    import math
+
+    import torch
+
+    from cl_runner.evaluation.drift import _mean_kl
+
+    base = [torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))]
+    current = [torch.log(torch.tensor([[0.5, 0.5], [0.5, 0.5]]))]
+    by_hand = (0.0 + 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)) / 2  # mean over the two tokens
+    assert _mean_kl(base, current) == pytest.approx(by_hand)
+    assert _mean_kl(base, base) == 0.0
+
+
+def test_drift_is_zero_for_the_base_model_and_grows_with_training(tmp_path):
+    cfg = compose_config([*SMOKE, "~eval.suites.instruction_following", "trainer.lr=0.05", "eval.suites.instruction_drift.max_new_tokens=8"])
+    drift = run(cfg, tmp_path)["abilities"]["instruction_drift"]
+    assert drift["kl"][0] == 0.0 and drift["rouge_l"][0] == 1.0  # row 0: the base model against itself
+    assert all(k > 1e-4 for k in drift["kl"][1:])  # a trained adapter moves the distributions

@@ -227,7 +227,7 @@ class InstructionFollowingSuite:
         self.items = records[:size]
         self.max_new_tokens = max_new_tokens
 
-    def setup(self, model, formatter, device, batch_size: int) -> None:
+    def setup(self, model, formatter, members, device, batch_size: int) -> None:
         """Nothing to record on the base model."""
 
     def score(self, model, formatter, members, device, batch_size: int) -> dict[str, float]:

@@ -5,9 +5,9 @@ A run's suites are the entries of ``eval.suites`` (conf/eval/default.yaml), each
 them at full size. A suite class provides:
 
     headline: str      the score that sums the suite up (the plot, the report)
-    setup(model, formatter, device, batch_size) -> None
-                       once, on the base model, before a resumed run loads its checkpoints
-                       (e.g. to record the base model's own answers)
+    setup(model, formatter, members, device, batch_size) -> None
+                       once, before a resumed run loads its checkpoints; ``members`` enter the
+                       base model (e.g. to record its own answers)
     score(model, formatter, members, device, batch_size) -> dict[str, float]
                        one row: the model as deployed after the tasks learnt so far (the
                        members are the method's ensemble, usually one), in eval mode
@@ -24,8 +24,25 @@ from collections.abc import Mapping, Sequence
 def build_suites(suites: Mapping | None) -> dict[str, object]:
     """The configured suites by name (an entry set to null is left out)."""
     from cl_runner.config import build
+    from cl_runner.errors import UserError
 
-    return {name: build(node, f"eval.suites.{name}") for name, node in (suites or {}).items() if node is not None}
+    built = {}
+    for name, node in (suites or {}).items():
+        if node is None:
+            continue
+        if "_target_" not in node:  # settings for a suite the chosen eval config does not have
+            raise UserError(f"eval.suites.{name} has settings but no _target_: the chosen eval config has no suite '{name}' (drop the settings, or add its _target_)")
+        built[name] = build(node, f"eval.suites.{name}")
+    return built
+
+
+def setup_suite(suite, model, formatter, base_members, device, batch_size: int) -> None:
+    was_training = model.training
+    model.eval()
+    try:
+        suite.setup(model, formatter, base_members, device, batch_size)
+    finally:
+        model.train(was_training)
 
 
 def score_suite(suite, model, formatter, members, device, batch_size: int) -> dict[str, float]:
