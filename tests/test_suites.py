@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -41,7 +42,7 @@ def test_each_row_stores_every_suite_score_and_its_change_from_the_base_model(tm
     results = run(cfg, tmp_path)
     assert results["abilities"]["scripted"] == {"score": SCRIPT, "twice": [2 * v for v in SCRIPT]}
     assert results["abilities_delta"]["scripted"]["score"] == pytest.approx([0.0, -0.1, -0.05, -0.3, -0.4])
-    assert set(results["abilities"]) == {"scripted", "instruction_following", "instruction_drift"}  # the default suites run as well
+    assert set(results["abilities"]) == {"scripted", "instruction_following", "instruction_drift", "knowledge_retention", "arithmetic"}  # the defaults too
     assert len(results["abilities"]["instruction_following"]["prompt_level_strict_acc"]) == 5
     assert CALLS[0][0] == "setup" and [c[0] for c in CALLS[1:]] == ["score"] * 5
     assert all(not c[1] for c in CALLS if c[0] == "score")  # scored in eval mode (no dropout)
@@ -95,3 +96,32 @@ def test_drift_is_zero_for_the_base_model_and_grows_with_training(tmp_path):
     drift = run(cfg, tmp_path)["abilities"]["instruction_drift"]
     assert drift["kl"][0] == 0.0 and drift["rouge_l"][0] == 1.0  # row 0: the base model against itself
     assert all(k > 1e-4 for k in drift["kl"][1:])  # a trained adapter moves the distributions
+
+
+def test_knowledge_retention_scores_only_what_the_base_model_knew(monkeypatch):
+    from contextlib import nullcontext
+
+    import cl_runner.evaluation.short_answer as short_answer
+    from cl_runner.evaluation.short_answer import KnowledgeRetentionSuite
+    from cl_runner.tasks import Example
+
+    replies = iter([["It is Paris.", "No idea.", "Rome, of course."],  # setup: facts 1 and 3 are known
+                    ["Paris", "Madrid"]])  # a later row, asked the known facts only: the first kept, the other lost
+    monkeypatch.setattr(short_answer, "generate", lambda model, formatter, examples, *args, **kwargs: next(replies)[: len(examples)])
+    suite = KnowledgeRetentionSuite()
+    suite.examples = [Example("Capital of France?", "Paris"), Example("Capital of Peru?", "Lima"), Example("Capital of Italy?", "Rome")]
+    suite.setup(None, None, [nullcontext], "cpu", 8)
+    assert [e.target for e in suite.known] == ["Paris", "Rome"]
+    assert suite.score(None, None, [nullcontext], "cpu", 8) == {"retained": 0.5, "known": 2.0}
+
+
+def test_arithmetic_problems_have_the_answers_their_numbers_give():
+    from cl_runner.evaluation.short_answer import last_integer, word_problems
+
+    problems = word_problems(12, seed=3)
+    assert problems == word_problems(12, seed=3) and problems != word_problems(12, seed=4)
+    for problem in problems:
+        a, b = (int(n) for n in re.findall(r"\d+", problem.prompt)[:2])
+        wanted = a + b if "more" in problem.prompt else a - b if ("left" in problem.prompt or "takes away" in problem.prompt) else a * b
+        assert problem.target == str(wanted), problem.prompt
+    assert last_integer("So 3 + 4 = 7.") == "7" and last_integer("It is 3,400 apples") == "3400" and last_integer("none") is None

@@ -49,7 +49,7 @@ def score_suite(suite, model, formatter, members, device, batch_size: int) -> di
     was_training = model.training
     model.eval()  # no dropout: a row after a trained task answers as row 0 does
     try:
-        return {key: float(value) for key, value in suite.score(model, formatter, members, device, batch_size).items()}
+        return {key: None if value is None else float(value) for key, value in suite.score(model, formatter, members, device, batch_size).items()}
     finally:
         model.train(was_training)
 
