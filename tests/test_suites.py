@@ -42,7 +42,7 @@ def test_each_row_stores_every_suite_score_and_its_change_from_the_base_model(tm
     results = run(cfg, tmp_path)
     assert results["abilities"]["scripted"] == {"score": SCRIPT, "twice": [2 * v for v in SCRIPT]}
     assert results["abilities_delta"]["scripted"]["score"] == pytest.approx([0.0, -0.1, -0.05, -0.3, -0.4])
-    assert set(results["abilities"]) == {"scripted", "instruction_following", "instruction_drift", "knowledge_retention", "arithmetic"}  # the defaults too
+    assert set(results["abilities"]) == {"scripted", "instruction_following", "instruction_drift", "knowledge_retention", "arithmetic", "commonsense"}  # the defaults too
     assert len(results["abilities"]["instruction_following"]["prompt_level_strict_acc"]) == 5
     assert CALLS[0][0] == "setup" and [c[0] for c in CALLS[1:]] == ["score"] * 5
     assert all(not c[1] for c in CALLS if c[0] == "score")  # scored in eval mode (no dropout)
@@ -125,3 +125,26 @@ def test_arithmetic_problems_have_the_answers_their_numbers_give():
         wanted = a + b if "more" in problem.prompt else a - b if ("left" in problem.prompt or "takes away" in problem.prompt) else a * b
         assert problem.target == str(wanted), problem.prompt
     assert last_integer("So 3 + 4 = 7.") == "7" and last_integer("It is 3,400 apples") == "3400" and last_integer("none") is None
+
+
+def test_commonsense_ranks_choices_by_the_model_log_likelihood(monkeypatch):
+    from contextlib import nullcontext
+
+    import cl_runner.evaluation.commonsense as commonsense
+    from cl_runner.evaluation.commonsense import CommonsenseSuite
+
+    suite = CommonsenseSuite(size=2)
+    assert [e.target for e in suite.examples] == [suite.examples[0].choices[0], suite.examples[1].choices[1]]  # answers 0 and 1
+    # Scripted log-likelihoods. Item 1: its answer ("put it in the freezer") wins raw and per character.
+    # Item 2: its answer ("break", 5 characters) wins raw, -3 against -4 for "bounce back up" (14
+    # characters), but loses per character: -0.6 against -0.29.
+    scores = [[-1.0, -5.0, -5.0, -5.0], [-4.0, -3.0, -40.0, -40.0]]
+    monkeypatch.setattr(commonsense, "choice_loglikelihoods", lambda *args, **kwargs: scores)
+
+    class Formatter:
+        tokenizer = type("T", (), {"pad_token_id": 0})()
+
+        def encode_choices(self, example):
+            return example
+
+    assert suite.score(None, Formatter(), [nullcontext], "cpu", 8) == {"acc": 1.0, "acc_norm": 0.5}

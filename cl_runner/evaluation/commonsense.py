@@ -1,0 +1,52 @@
+"""Commonsense multiple choice, ranked by log-likelihood (``acc`` and ``acc_norm``, as lm-evaluation-harness
+scores ARC, PIQA or HellaSwag).
+
+Twenty built-in, hand-written everyday questions with four choices each (the answer's position
+varies); ``data=`` takes a JSONL file of ``{"question", "choices", "answer": index}``. Each
+choice is scored as the model's answer to the question (chat template on, as the sequence's
+own multiple-choice tasks are scored: ``cl_runner/evaluation/loglikelihood.py``); with several
+members, their log-likelihoods are averaged.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cl_runner.errors import UserError
+from cl_runner.evaluation.loglikelihood import choice_loglikelihoods, choice_metrics
+from cl_runner.tasks import Example
+
+BUILTIN_DATA = Path(__file__).parent / "data" / "commonsense.jsonl"
+
+
+class CommonsenseSuite:
+    headline = "acc_norm"
+
+    def __init__(self, data: str = "builtin", size: int | None = None):
+        path = BUILTIN_DATA if data == "builtin" else Path(data)
+        if not path.is_file():
+            raise UserError(f"eval.suites.commonsense.data: no file {path}")
+        examples = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                choices = tuple(str(c) for c in record["choices"])
+                examples.append(Example(str(record["question"]), choices[int(record["answer"])], choices))
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                raise UserError(f"eval.suites.commonsense: {path} line {number}: needs question, choices and an answer index into them ({exc})") from exc
+        self.examples = examples[:size]
+
+    def setup(self, model, formatter, members, device, batch_size: int) -> None:
+        """Nothing to record on the base model."""
+
+    def score(self, model, formatter, members, device, batch_size: int) -> dict[str, float]:
+        requests = [formatter.encode_choices(e) for e in self.examples]
+        per_member = []
+        for member in members:
+            with member():
+                per_member.append(choice_loglikelihoods(model, requests, formatter.tokenizer.pad_token_id, batch_size, device))
+        averaged = [[sum(values) / len(values) for values in zip(*item)] for item in zip(*per_member)]
+        return choice_metrics([e.choices for e in self.examples], [e.target for e in self.examples], averaged)
