@@ -42,7 +42,7 @@ def test_each_row_stores_every_suite_score_and_its_change_from_the_base_model(tm
     results = run(cfg, tmp_path)
     assert results["abilities"]["scripted"] == {"score": SCRIPT, "twice": [2 * v for v in SCRIPT]}
     assert results["abilities_delta"]["scripted"]["score"] == pytest.approx([0.0, -0.1, -0.05, -0.3, -0.4])
-    assert set(results["abilities"]) == {"scripted", "instruction_following", "instruction_drift", "knowledge_retention", "arithmetic", "commonsense"}  # the defaults too
+    assert set(results["abilities"]) == {"scripted", "instruction_following", "instruction_drift", "knowledge_retention", "arithmetic", "commonsense", "code"}  # the defaults too
     assert len(results["abilities"]["instruction_following"]["prompt_level_strict_acc"]) == 5
     assert CALLS[0][0] == "setup" and [c[0] for c in CALLS[1:]] == ["score"] * 5
     assert all(not c[1] for c in CALLS if c[0] == "score")  # scored in eval mode (no dropout)
@@ -148,3 +148,21 @@ def test_commonsense_ranks_choices_by_the_model_log_likelihood(monkeypatch):
             return example
 
     assert suite.score(None, Formatter(), [nullcontext], "cpu", 8) == {"acc": 1.0, "acc_norm": 0.5}
+
+
+def test_code_replies_run_against_their_tests_in_the_sandbox(monkeypatch):
+    from contextlib import nullcontext
+
+    import cl_runner.evaluation.code as code
+    from cl_runner.evaluation.code import CodeSuite, extract_code
+
+    replies = ["```python\ndef add(a, b):\n    return a + b\n```\nThis adds.",  # passes
+               "def is_even(n):\n    return n % 2 == 1\n",  # wrong
+               "```py\ndef reverse_string(s):\n    while True:\n        pass\n```",  # loops: stopped
+               "import os\nos.system('true')\ndef largest(xs):\n    return max(xs)\n"]  # starts a process: refused
+    monkeypatch.setattr(code, "generate", lambda *args, **kwargs: replies)
+    suite = CodeSuite(size=4, timeout_s=1)
+    scores = suite.score(None, None, [nullcontext], "cpu", 8)
+    assert scores["pass@1"] == 0.25
+    assert (scores["outcome/failed"], scores["outcome/cpu_limit"] + scores["outcome/timeout"], scores["outcome/refused"]) == (0.25, 0.25, 0.25)
+    assert extract_code("Here:\n```python\nx = 1\n```") == "x = 1\n" and extract_code("x = 2") == "x = 2"
