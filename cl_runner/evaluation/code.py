@@ -11,16 +11,13 @@ and the network). ``pass@1``: the share of tasks whose tests pass with the greed
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
-from cl_runner.errors import UserError
 from cl_runner.evaluation.generation import generate
 from cl_runner.evaluation.sandbox import SandboxLimits, run_program
+from cl_runner.evaluation.suites import suite_records
 from cl_runner.tasks import Example
 
-BUILTIN_DATA = Path(__file__).parent / "data" / "code_tasks.jsonl"
 OUTCOMES = ("passed", "failed", "timeout", "cpu_limit", "memory_limit", "file_limit", "refused")
 
 
@@ -34,14 +31,7 @@ class CodeSuite:
     headline = "pass@1"
 
     def __init__(self, data: str = "builtin", size: int | None = None, max_new_tokens: int = 96, timeout_s: float = 5.0, memory_mb: int = 512):
-        path = BUILTIN_DATA if data == "builtin" else Path(data)
-        if not path.is_file():
-            raise UserError(f"eval.suites.code.data: no file {path}")
-        try:
-            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            self.tasks = [(Example(str(r["prompt"]), ""), str(r["tests"])) for r in records][:size]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"eval.suites.code: {path}: each line must be a JSON object with 'entry_point', 'prompt' and 'tests' ({exc})") from exc
+        self.tasks = suite_records("code", data, "code_tasks.jsonl", lambda r: (Example(str(r["prompt"]), ""), str(r["tests"])), size)
         self.max_new_tokens = max_new_tokens
         self.limits = SandboxLimits(wall_s=timeout_s, cpu_s=max(1, int(timeout_s)), memory_mb=memory_mb)
 

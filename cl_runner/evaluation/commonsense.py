@@ -10,34 +10,20 @@ members, their log-likelihoods are averaged.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from cl_runner.errors import UserError
 from cl_runner.evaluation.loglikelihood import choice_loglikelihoods, choice_metrics
+from cl_runner.evaluation.suites import suite_records
 from cl_runner.tasks import Example
-
-BUILTIN_DATA = Path(__file__).parent / "data" / "commonsense.jsonl"
 
 
 class CommonsenseSuite:
     headline = "acc_norm"
 
     def __init__(self, data: str = "builtin", size: int | None = None):
-        path = BUILTIN_DATA if data == "builtin" else Path(data)
-        if not path.is_file():
-            raise UserError(f"eval.suites.commonsense.data: no file {path}")
-        examples = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                choices = tuple(str(c) for c in record["choices"])
-                examples.append(Example(str(record["question"]), choices[int(record["answer"])], choices))
-            except (ValueError, KeyError, TypeError, IndexError) as exc:
-                raise UserError(f"eval.suites.commonsense: {path} line {number}: needs question, choices and an answer index into them ({exc})") from exc
-        self.examples = examples[:size]
+        def example(record: dict) -> Example:
+            choices = tuple(str(c) for c in record["choices"])
+            return Example(str(record["question"]), choices[int(record["answer"])], choices)
+
+        self.examples = suite_records("commonsense", data, "commonsense.jsonl", example, size)
 
     def setup(self, model, formatter, members, device, batch_size: int) -> None:
         """Nothing to record on the base model."""

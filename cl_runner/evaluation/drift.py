@@ -18,35 +18,19 @@ decoding reproduces on the same machine.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
-from cl_runner.errors import UserError
 from cl_runner.evaluation.generation import generate
+from cl_runner.evaluation.suites import suite_records
 from cl_runner.evaluation.text_metrics import rouge_l
 from cl_runner.forward import forward_selected
 from cl_runner.tasks import Example
-
-BUILTIN_DATA = Path(__file__).parent / "data" / "drift_instructions.jsonl"
-
 
 class InstructionDriftSuite:
     headline = "kl"
 
     def __init__(self, data: str = "builtin", size: int | None = 8, max_new_tokens: int = 48):
-        path = BUILTIN_DATA if data == "builtin" else Path(data)
-        if not path.is_file():
-            raise UserError(f"eval.suites.instruction_drift.data: no file {path}")
-        try:
-            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            prompts = [str(r["instruction"]) for r in records]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"eval.suites.instruction_drift: {path}: each line must be a JSON object with an 'instruction' ({exc})") from exc
-        if size is not None and (not isinstance(size, int) or size < 1):
-            raise UserError(f"eval.suites.instruction_drift.size must be a positive integer or null, got {size!r}")
-        self.examples = [Example(p, "") for p in prompts[:size]]
+        self.examples = suite_records("instruction_drift", data, "drift_instructions.jsonl", lambda r: Example(str(r["instruction"]), ""), size)
         self.max_new_tokens = max_new_tokens
         self.base_responses: list[str] = []
         self.base_log_probs: list[torch.Tensor] = []

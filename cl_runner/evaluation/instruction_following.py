@@ -18,10 +18,8 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-
-from cl_runner.errors import UserError
 from cl_runner.evaluation.generation import generate
+from cl_runner.evaluation.suites import suite_records
 from cl_runner.tasks import Example
 
 Check = Callable[..., bool]
@@ -194,9 +192,6 @@ def check_item(item: Mapping, where: str) -> None:
             raise ValueError(f"{where}: instruction {iid!r}: {exc}") from exc
 
 
-BUILTIN_DATA = Path(__file__).parent / "data" / "instruction_following.jsonl"
-
-
 class InstructionFollowingSuite:
     """IFEval-style prompts answered greedily (chat template on) and checked by code, on every row.
 
@@ -209,22 +204,11 @@ class InstructionFollowingSuite:
     headline = "prompt_level_strict_acc"
 
     def __init__(self, data: str = "builtin", size: int | None = None, max_new_tokens: int = 96):
-        path = BUILTIN_DATA if data == "builtin" else Path(data)
-        if not path.is_file():
-            raise UserError(f"eval.suites.instruction_following.data: no file {path}")
-        records = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                check_item(record, f"{path} line {number}")
-            except ValueError as exc:
-                raise UserError(f"eval.suites.instruction_following: {exc}") from exc
-            records.append(record)
-        if size is not None and (not isinstance(size, int) or size < 1):
-            raise UserError(f"eval.suites.instruction_following.size must be a positive integer or null, got {size!r}")
-        self.items = records[:size]
+        def checked(record: dict) -> dict:
+            check_item(record, "this record")
+            return record
+
+        self.items = suite_records("instruction_following", data, "instruction_following.jsonl", checked, size)
         self.max_new_tokens = max_new_tokens
 
     def setup(self, model, formatter, members, device, batch_size: int) -> None:

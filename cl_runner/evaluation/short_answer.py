@@ -12,18 +12,14 @@
 
 from __future__ import annotations
 
-import json
 import random
 import re
-from pathlib import Path
 
 from cl_runner.errors import UserError
 from cl_runner.evaluation.generation import generate
+from cl_runner.evaluation.suites import suite_records
 from cl_runner.evaluation.text_metrics import contains
 from cl_runner.tasks import Example
-
-FACTS = Path(__file__).parent / "data" / "knowledge_facts.jsonl"
-
 
 def _answers(model, formatter, members, examples, max_new_tokens: int, batch_size: int, device) -> list[list[str]]:
     """Each member's greedy replies."""
@@ -38,14 +34,7 @@ class KnowledgeRetentionSuite:
     headline = "retained"
 
     def __init__(self, data: str = "builtin", size: int | None = None, max_new_tokens: int = 16):
-        path = FACTS if data == "builtin" else Path(data)
-        if not path.is_file():
-            raise UserError(f"eval.suites.knowledge_retention.data: no file {path}")
-        try:
-            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            self.examples = [Example(str(r["question"]), str(r["answer"])) for r in records][:size]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"eval.suites.knowledge_retention: {path}: each line must be a JSON object with 'question' and 'answer' ({exc})") from exc
+        self.examples = suite_records("knowledge_retention", data, "knowledge_facts.jsonl", lambda r: Example(str(r["question"]), str(r["answer"])), size)
         self.max_new_tokens = max_new_tokens
         self.known: list[Example] = []
 

@@ -18,13 +18,40 @@ Each row's scores go to ``results.json`` under ``abilities`` (with their change 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from cl_runner.errors import UserError
+
+T = TypeVar("T")
+DATA_DIR = Path(__file__).parent / "data"  # the suites' built-in items
+
+
+def suite_records(suite: str, data: str, builtin: str, convert: Callable[[dict], T], size: int | None = None) -> list[T]:
+    """A suite's items from JSONL: ``DATA_DIR/builtin`` when ``data`` is ``builtin``, else the file
+    ``data``; each line's object passed through ``convert``, the first ``size`` kept (null: all).
+    A missing file, a bad line or a bad size is one UserError naming the suite (and file and line)."""
+    if size is not None and (not isinstance(size, int) or size < 1):
+        raise UserError(f"eval.suites.{suite}.size must be a positive integer or null, got {size!r}")
+    path = DATA_DIR / builtin if data == "builtin" else Path(data)
+    if not path.is_file():
+        raise UserError(f"eval.suites.{suite}.data: no file {path}")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(convert(json.loads(line)))
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise UserError(f"eval.suites.{suite}: {path} line {number}: {exc}") from exc
+    return records[:size]
 
 
 def build_suites(suites: Mapping | None) -> dict[str, object]:
     """The configured suites by name (an entry set to null is left out)."""
     from cl_runner.config import build
-    from cl_runner.errors import UserError
 
     built = {}
     for name, node in (suites or {}).items():
