@@ -183,8 +183,9 @@ class Experiment:
         # EasyEdit's locality compares with the unedited model's tokens: taken now, before a resumed run loads its checkpoints.
         base = lambda index: self.method.eval_members(self.model, 0, index)[0]  # noqa: E731
         attach_locality_references(self.model, tokenizer, self.tasks, base, self.cfg.eval.batch_size)
+        base_members = self.method.eval_members(self.model, 0, 0)
         for suite in self.suites.values():  # also before the checkpoints load: what the base model does
-            setup_suite(suite, self.model, self.formatter, self.method.eval_members(self.model, 0, 0), self.device, self.cfg.eval.batch_size)
+            setup_suite(suite, self.model, self.formatter, base_members, self.device, self.cfg.eval.batch_size)
         self.replay.setup(self._encode, self.replay_tasks)
         self.events = EventLog(self.run_dir / "train_log.jsonl", self.logger, writer=self.world.is_main)
         self.loop = TrainingLoop(self.cfg.trainer, self.device, tokenizer.pad_token_id, world=self.world)

@@ -24,6 +24,7 @@ from cl_runner.evaluation.generation import generate
 from cl_runner.evaluation.suites import suite_records
 from cl_runner.evaluation.text_metrics import rouge_l
 from cl_runner.forward import forward_selected
+from cl_runner.layout import pad_right
 from cl_runner.tasks import Example
 
 class InstructionDriftSuite:
@@ -63,12 +64,7 @@ class InstructionDriftSuite:
         with torch.no_grad():
             for start in range(0, len(sequences), batch_size):
                 batch = sequences[start : start + batch_size]
-                width = max(len(p) + len(a) for p, a in batch)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for row, (p, a) in enumerate(batch):
-                    ids[row, : len(p) + len(a)] = torch.tensor(p + a)
-                    mask[row, : len(p) + len(a)] = 1
+                ids, mask = pad_right([p + a for p, a in batch], pad)
                 rows = torch.tensor([row for row, (_, a) in enumerate(batch) for _ in a])
                 cols = torch.tensor([len(p) - 1 + i for p, a in batch for i in range(len(a))])
                 log_probs = forward_selected(model, ids.to(device), rows.to(device), cols.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1).cpu()

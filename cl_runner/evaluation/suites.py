@@ -18,8 +18,9 @@ Each row's scores go to ``results.json`` under ``abilities`` (with their change 
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -63,22 +64,26 @@ def build_suites(suites: Mapping | None) -> dict[str, object]:
     return built
 
 
-def setup_suite(suite, model, formatter, base_members, device, batch_size: int) -> None:
+@contextlib.contextmanager
+def _eval_mode(model) -> Iterator[None]:
+    """No dropout while a suite runs (a row after a trained task answers as row 0 does); the mode is restored after."""
     was_training = model.training
     model.eval()
     try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def setup_suite(suite, model, formatter, base_members, device, batch_size: int) -> None:
+    with _eval_mode(model):
         suite.setup(model, formatter, base_members, device, batch_size)
-    finally:
-        model.train(was_training)
 
 
-def score_suite(suite, model, formatter, members, device, batch_size: int) -> dict[str, float]:
-    was_training = model.training
-    model.eval()  # no dropout: a row after a trained task answers as row 0 does
-    try:
-        return {key: None if value is None else float(value) for key, value in suite.score(model, formatter, members, device, batch_size).items()}
-    finally:
-        model.train(was_training)
+def score_suite(suite, model, formatter, members, device, batch_size: int) -> dict[str, float | None]:
+    with _eval_mode(model):
+        scores = suite.score(model, formatter, members, device, batch_size)
+    return {key: None if value is None else float(value) for key, value in scores.items()}
 
 
 def ability_series(rows: Sequence[Mapping[str, Mapping[str, float]] | None]) -> tuple[dict, dict]:
