@@ -124,6 +124,7 @@ def test_arithmetic_problems_have_the_answers_their_numbers_give():
         a, b = (int(n) for n in re.findall(r"\d+", problem.prompt)[:2])
         wanted = a + b if "more" in problem.prompt else a - b if ("left" in problem.prompt or "takes away" in problem.prompt) else a * b
         assert problem.target == str(wanted), problem.prompt
+        assert wanted >= 0  # the larger number comes first: no negative answers
     assert last_integer("So 3 + 4 = 7.") == "7" and last_integer("It is 3,400 apples") == "3400" and last_integer("none") is None
 
 
