@@ -33,9 +33,51 @@ class SelectedForward:
 
 
 def is_prompt_learning(model) -> bool:
-    """PEFT prompt tuning, P-tuning and prefix tuning: virtual tokens that packed rows cannot hold."""
+    """PEFT prompt learning (prompt tuning, P-tuning, prefix tuning, ...) with its adapter on: virtual tokens before every row."""
     config = getattr(model, "active_peft_config", None)
-    return bool(getattr(config, "is_prompt_learning", False))
+    return bool(getattr(config, "is_prompt_learning", False)) and not getattr(model, "_adapters_disabled", False)
+
+
+# Prompt-learning kinds whose virtual tokens are the same for every row, so they can run once as a
+# KV cache that packed or prefix-sharing rows continue (others, e.g. CPT, keep padded rows).
+VIRTUAL_PREFIX_KINDS = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+
+
+def virtual_prefix_kind(model) -> str | None:
+    """The PEFT type of ``model``'s virtual tokens when they can run as a shared KV cache; None otherwise."""
+    if not is_prompt_learning(model):
+        return None
+    kind = str(model.active_peft_config.peft_type).rsplit(".", 1)[-1]
+    return kind if kind in VIRTUAL_PREFIX_KINDS else None
+
+
+def virtual_prefix_cache(model) -> tuple[DynamicCache, int]:
+    """PEFT's virtual tokens run once, as a one-row KV cache of their length (gradients flow through it).
+
+    This is what PEFT's own forward computes before each row: prefix tuning hands its prompt to
+    the model as a KV cache; prompt tuning and P-tuning prepend embeddings, whose keys and values
+    are the same for every row because nothing before them differs.
+    """
+    config = model.active_peft_config
+    length = config.num_virtual_tokens
+    if virtual_prefix_kind(model) == "PREFIX_TUNING":
+        return model.get_prompt(batch_size=1, max_cache_len=length), length
+    cache = DynamicCache(config=base_model(model).config)
+    embeddings = model.get_prompt(batch_size=1).to(model.word_embeddings.weight.dtype)
+    base_model(model)(inputs_embeds=embeddings, use_cache=True, **{cache_argument(model): cache})
+    return cache, length
+
+
+def _after_virtual_prefix(inputs: dict, length: int) -> dict:
+    """Row inputs moved past ``length`` cached virtual tokens: positions shifted, every key may see them."""
+    shifted = dict(inputs)
+    shifted["position_ids"] = inputs["position_ids"] + length
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        # 2-D: [rows, keys]; 4-D: [rows, 1, queries, keys], boolean (True = attend) or additive (0 = attend).
+        visible = torch.ones if mask.dtype in (torch.bool, torch.long, torch.int) else torch.zeros
+        shifted["attention_mask"] = torch.cat([visible((*mask.shape[:-1], length), dtype=mask.dtype, device=mask.device), mask], dim=-1)
+    return shifted
 
 
 def base_model(model) -> torch.nn.Module:
@@ -66,12 +108,20 @@ def forward_selected(model, input_ids: torch.Tensor, rows: torch.Tensor, cols: t
     ``prefix_ids`` ([1, P]): tokens that every row continues. They run once, and their keys and
     values are shared by all rows (gradients flow through them); ``inputs`` then hold the
     ``[rows, P + length]`` attention mask and the rows' position ids, which start at P.
+    PEFT virtual tokens, when the layout gives position ids, run once the same way, before the
+    prefix (``virtual_prefix_cache``); masks and positions are shifted past them here.
     """
+    cache_name, cache = cache_argument(model), None
+    if "position_ids" in inputs and virtual_prefix_kind(model) is not None:
+        # A packed or prefix-sharing layout: PEFT's forward would drop its positions (prompt tuning)
+        # or not know its mask, so its virtual tokens run here and the base model continues them.
+        cache, length = virtual_prefix_cache(model)
+        model, inputs = base_model(model), _after_virtual_prefix(inputs, length)
     if prefix_ids is not None:
-        cache_name = cache_argument(model)
         empty = torch.zeros(0, dtype=torch.long, device=input_ids.device)
-        cache = DynamicCache(config=model.config)  # filled in place by the prefix's forward
+        cache = cache if cache is not None else DynamicCache(config=model.config)  # filled in place by the prefix's forward
         forward_selected(model, prefix_ids, empty, empty, **{cache_name: cache}, use_cache=True)
+    if cache is not None:
         cache.batch_repeat_interleave(input_ids.shape[0])
         inputs = {**inputs, cache_name: cache, "use_cache": True}
     head = output_head(model)

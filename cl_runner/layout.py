@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cl_runner.forward import base_model, forward_selected, is_prompt_learning
+from cl_runner.forward import base_model, forward_selected, is_prompt_learning, virtual_prefix_kind
 
 LAYOUTS = ("auto", "padded", "shared_prefix", "packed", "prefix_tree")  # the names build_layout takes
 TREE_ATTENTION = ("sdpa", "eager")  # implementations that take a custom 4-D mask
@@ -57,7 +57,7 @@ _verified: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _unsupported_by_config(model, longest: int) -> bool:
     config = model.config
-    if is_prompt_learning(model) or getattr(config, "_attn_implementation", None) not in TREE_ATTENTION:
+    if (is_prompt_learning(model) and virtual_prefix_kind(model) is None) or getattr(config, "_attn_implementation", None) not in TREE_ATTENTION:
         return True
     if getattr(config, "output_router_logits", False) or _has_non_attention_layers(config):
         return True
@@ -78,7 +78,8 @@ def supports_shared_prefix(model, longest: int = 0) -> bool:
 def supports_tree_layout(model, longest: int = 0) -> bool:
     """Whether ``model``'s forward honours a custom 4-D mask and explicit position ids.
 
-    Not for PEFT prompt learning (virtual tokens are prepended to every row), attention kernels
+    Not for PEFT prompt learning other than prompt tuning, P-tuning and prefix tuning (their
+    virtual tokens run once as a KV cache that every row continues), attention kernels
     without custom masks, models without ``position_ids`` (ALiBi), layers that are not
     attention (Mamba, short convolutions: they see the whole row), MoE router losses (counted
     over the row), or sequences longer than a sliding window (a custom mask replaces the
@@ -92,9 +93,10 @@ def supports_tree_layout(model, longest: int = 0) -> bool:
 
 def _verified_once(model, kind: str, build, first_target: int) -> bool:
     verdicts = _verified.setdefault(base_model(model), {})
-    if kind not in verdicts:
-        verdicts[kind] = _matches_padded(model, build, first_target)
-    return verdicts[kind]
+    key = (kind, virtual_prefix_kind(model))  # virtual tokens run through another path: verified on their own
+    if key not in verdicts:
+        verdicts[key] = _matches_padded(model, build, first_target)
+    return verdicts[key]
 
 
 def _has_non_attention_layers(config) -> bool:

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 
 from cl_runner.evaluation.loglikelihood import choice_loglikelihoods, choice_metrics
 from cl_runner.formatting import IGNORE_INDEX, PromptFormatter, TokenizedExample
@@ -21,6 +21,7 @@ PEFT_CONFIGS = {
     "lora": lambda: LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
     "prompt_tuning": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
     "prefix_tuning": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
+    "p_tuning": lambda: PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=5, encoder_hidden_size=16),
     "ia3": lambda: IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
 }
 
@@ -123,9 +124,11 @@ def test_loss_includes_the_moe_router_loss():
     assert float(ours.loss) == pytest.approx(float(model(**batch).loss), rel=1e-5)
 
 
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning", "p_tuning", "prefix_tuning"])
 @pytest.mark.parametrize("layout", ["shared_prefix", "packed", "prefix_tree"])
-def test_packed_layouts_give_the_padded_loss_and_gradients(tiny_model_and_tokenizer, layout):
-    model = wrapped(tiny_model_and_tokenizer[0], "lora")
+def test_packed_layouts_give_the_padded_loss_and_gradients(tiny_model_and_tokenizer, layout, method):
+    """Virtual tokens (prompt, P- and prefix tuning) run once as a cache the packed rows continue: same loss, same gradients."""
+    model = wrapped(tiny_model_and_tokenizer[0], method)
     examples, _ = text_batch(tiny_model_and_tokenizer[1])
     weights = [0.1, 0.2, 0.05]
     results = {}

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from cl_runner.evaluation.generation import cut_at_stop_strings, generate, stop_token_ids
+from cl_runner.evaluation.generation import cut_at_stop_strings, generate, stop_token_ids, until_stop_token
 from cl_runner.formatting import PromptFormatter
 from cl_runner.tasks import Example
 
@@ -99,9 +99,48 @@ def test_prefix_tuning_generates_with_its_prefix(tiny_model_and_tokenizer):
     assert first_with_prefix != first_without  # the prefix matters for this prompt
     from cl_runner.evaluation.generation import _greedy_without_generate, stop_token_ids
 
-    [answer] = generate(tuned, formatter, [example], max_new_tokens=4, batch_size=1, device="cpu")
+    [answer] = generate(tuned, formatter, [example], max_new_tokens=4, batch_size=1, device="cpu")  # decoded after the prefix as a cache
     expected = _greedy_without_generate(tuned, prompt[0].tolist(), 4, stop_token_ids(tuned, formatter), "cpu")
     assert expected[0] == first_with_prefix and answer == tokenizer.decode(expected, skip_special_tokens=True).strip()
     with tuned.disable_adapter():
         [untuned] = generate(tuned, formatter, [example], max_new_tokens=4, batch_size=1, device="cpu")
     assert answer != untuned
+
+
+VIRTUAL_TOKEN_CONFIGS = {
+    "prefix_tuning": lambda peft: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
+    "prompt_tuning": lambda peft: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
+    "p_tuning": lambda peft: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=5, encoder_hidden_size=16),
+}
+
+
+@pytest.mark.parametrize("method", list(VIRTUAL_TOKEN_CONFIGS))
+def test_cached_decoding_after_virtual_tokens_equals_full_forward_passes(method):
+    """Prompt, P- and prefix tuning decode in left-padded batches with a KV cache after their virtual tokens,
+    token for token as greedy decoding through PEFT's own forward (full passes, one prompt at a time)."""
+    import peft
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cl_runner.evaluation.generation import _greedy_after_virtual_prefix, _greedy_without_generate, _left_padded
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, tie_word_embeddings=False, pad_token_id=0)
+    base = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        base.lm_head.weight.mul_(30)  # a random model is near-uniform: sharp logits let every input change the argmax
+    tuned = peft.get_peft_model(base, VIRTUAL_TOKEN_CONFIGS[method](peft)).eval()
+    with torch.no_grad():
+        for p in tuned.prompt_encoder.parameters():
+            p.copy_(torch.randn(p.shape) * 2)
+    prompts = [torch.randint(3, 96, (n,)).tolist() for n in (4, 9, 7)]
+    stops = [5, 7]
+    ids, mask = _left_padded(prompts, 0)
+    with torch.no_grad():
+        batched = _greedy_after_virtual_prefix(tuned, ids, mask, 8, stops)
+        expected = [_greedy_without_generate(tuned, p, 8, stops, "cpu") for p in prompts]
+        with tuned.disable_adapter():
+            untuned = [_greedy_without_generate(tuned, p, 8, stops, "cpu") for p in prompts]
+    ours = [until_stop_token(row.tolist(), stops) for row in batched]
+    assert ours == expected
+    assert expected != untuned  # the virtual tokens change the answers, so dropping them would show

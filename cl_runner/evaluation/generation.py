@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from cl_runner.forward import base_model, cache_argument, forward_selected, virtual_prefix_cache, virtual_prefix_kind
 from cl_runner.formatting import PromptFormatter
 from cl_runner.tasks import Example
 
@@ -56,32 +57,51 @@ def generate(model, formatter: PromptFormatter, examples: Sequence[Example], max
     stop_ids = stop_token_ids(model, formatter)
     extra = {"stop_strings": list(until), "tokenizer": tokenizer} if until else {}
     outputs = [""] * len(examples)
-    if uses_prefix_cache(model):
-        for index in order:
-            tokens = _greedy_without_generate(model, encoded[index], max_new_tokens, stop_ids, device)
-            outputs[index] = cut_at_stop_strings(tokenizer.decode(tokens, skip_special_tokens=True), until).strip()
-        return outputs
+    virtual_prefix = virtual_prefix_kind(model) is not None
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         ids, mask = _left_padded([encoded[i] for i in batch], tokenizer.pad_token_id)
-        generated = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids, use_cache=True, **extra,
-        )
+        if virtual_prefix:
+            generated = _greedy_after_virtual_prefix(model, ids.to(device), mask.to(device), max_new_tokens, stop_ids)
+        else:
+            generated = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids, use_cache=True, **extra,
+            )[:, ids.shape[1] :]
         for row, index in enumerate(batch):
-            text = tokenizer.decode(until_stop_token(generated[row, ids.shape[1] :].tolist(), stop_ids), skip_special_tokens=True)
+            text = tokenizer.decode(until_stop_token(generated[row].tolist(), stop_ids), skip_special_tokens=True)
             outputs[index] = cut_at_stop_strings(text, until).strip()
     return outputs
 
 
-def uses_prefix_cache(model) -> bool:
-    """PEFT prefix tuning hands its prefix to the model as a KV cache; transformers' generate()
-    passes its own cache as well and drops the prefix, so such a model generates as if untuned."""
-    from cl_runner.forward import is_prompt_learning
+def _greedy_after_virtual_prefix(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stop_ids: Sequence[int]) -> torch.Tensor:
+    """Batched greedy decoding with a KV cache for PEFT prompt, P- and prefix tuning: the new tokens, ``[rows, <= max_new_tokens]``.
 
-    if not is_prompt_learning(model) or not getattr(model, "active_peft_config", None):
-        return False
-    return str(getattr(model.active_peft_config, "peft_type", "")).endswith("PREFIX_TUNING")
+    transformers' generate() passes its own cache and so drops a PEFT prefix (the model would
+    answer as if untuned). Here the virtual tokens run once as a cache (``virtual_prefix_cache``),
+    each left-padded prompt continues it, then one token per step. Rows that stopped keep
+    decoding (their tail is cut at the stop token) until every row has stopped.
+    """
+    cache, length = virtual_prefix_cache(model)
+    cache.batch_repeat_interleave(ids.shape[0])
+    base, cache_name = base_model(model), cache_argument(model)
+    mask = torch.cat([torch.ones((ids.shape[0], length), dtype=mask.dtype, device=mask.device), mask], dim=1)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, length:]
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    stops = torch.tensor(list(stop_ids), device=ids.device)
+    new_tokens, done = [], torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    step_ids, cols = ids, torch.full_like(rows, ids.shape[1] - 1)
+    for _ in range(max_new_tokens):
+        logits = forward_selected(base, step_ids, rows, cols, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_name: cache}).logits
+        token = logits.argmax(dim=-1)
+        new_tokens.append(token)
+        done |= torch.isin(token, stops)
+        if bool(done.all()):
+            break
+        step_ids, cols = token[:, None], torch.zeros_like(rows)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions[:, -1:] + 1
+    return torch.stack(new_tokens, dim=1) if new_tokens else ids[:, :0]
 
 
 def _greedy_without_generate(model, prompt: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int], device) -> list[int]:
