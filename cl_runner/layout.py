@@ -67,6 +67,11 @@ def _unsupported_by_config(model, longest: int) -> bool:
     return "position_ids" not in inspect.signature(base_model(model).forward).parameters
 
 
+def takes_custom_layouts(model, longest: int = 0) -> bool:
+    """Whether the configuration allows explicit position ids, custom masks and a KV cache the rows continue."""
+    return not _unsupported_by_config(model, longest)
+
+
 def supports_shared_prefix(model, longest: int = 0) -> bool:
     """Whether a prefix can run once and rows continue it from its cached keys and values (checked like the tree)."""
     # Checkpointed layers drop the cache in training, and the rows would lose their prefix.

@@ -29,9 +29,10 @@ from cl_runner.error_file import clear_error_file, write_error_file
 from cl_runner.errors import UserError
 from cl_runner.methods.base import ContinualMethod
 from cl_runner.editing.locality import attach_locality_references
-from cl_runner.evaluation import evaluate_task, evaluate_tasks
+from cl_runner.evaluation import CHOICE_METRICS, evaluate_task, evaluate_tasks
 from cl_runner.evaluation.fluency import fluency_settings, generation_fluency
-from cl_runner.evaluation.suites import build_suites, score_suite, setup_suite
+from cl_runner.evaluation.generation import use_decoded
+from cl_runner.evaluation.suites import build_suites, decode_for_row, generation_requests, score_suite, setup_suite
 from cl_runner.formatting import PromptFormatter
 from cl_runner.loggers import NullLogger
 from cl_runner.models import load_model, resolve_device
@@ -142,6 +143,8 @@ class Experiment:
         self.replay = build(cfg.replay, "replay")
         self.logger = build(cfg.logger, "logger") if world.is_main else NullLogger()
         self.suites = build_suites(self.config["eval"].get("suites"))
+        # Decoding one token costs about as much for 16 prompts as for 64 (CPU and GPU alike), so generation batches are larger.
+        self.decode_batch = self.config["eval"].get("generation_batch_size") or cfg.eval.batch_size
         self._check_rollback()
         self.fluency_prompts, self.fluency_tokens = fluency_settings(self.config["task_sequence"], self.tasks)
         self.replay_tasks = self.replay.data_tasks(list(cfg.task_sequence.task_dirs))
@@ -184,8 +187,11 @@ class Experiment:
         base = lambda index: self.method.eval_members(self.model, 0, index)[0]  # noqa: E731
         attach_locality_references(self.model, tokenizer, self.tasks, base, self.cfg.eval.batch_size)
         base_members = self.method.eval_members(self.model, 0, 0)
-        for suite in self.suites.values():  # also before the checkpoints load: what the base model does
-            setup_suite(suite, self.model, self.formatter, base_members, self.device, self.cfg.eval.batch_size)
+        # The base model's answers that the suites record are decoded together, and kept for row 0, which asks again.
+        self.base_answers = self._decode_together(base_members, generation_requests(self.suites.values(), at_setup=True))
+        with use_decoded(self.base_answers):
+            for suite in self.suites.values():  # also before the checkpoints load: what the base model does
+                setup_suite(suite, self.model, self.formatter, base_members, self.device, self.decode_batch)
         self.replay.setup(self._encode, self.replay_tasks)
         self.events = EventLog(self.run_dir / "train_log.jsonl", self.logger, writer=self.world.is_main)
         self.loop = TrainingLoop(self.cfg.trainer, self.device, tokenizer.pad_token_id, world=self.world)
@@ -212,12 +218,14 @@ class Experiment:
         deployed = lambda: members_of(max(0, tasks_learnt - 1))  # noqa: E731
         extras = []
         if self.probe is not None:
-            extras.append(lambda: evaluate_task(self.model, self.formatter, self.probe, self.cfg.eval.batch_size, self.device, deployed(), router_of(None))[self.probe.metric])
+            extras.append(lambda: evaluate_task(self.model, self.formatter, self.probe, self.cfg.eval.batch_size, self.device, deployed(), router_of(None),
+                                                self.decode_batch)[self.probe.metric])
         if self.fluency_prompts:
-            extras.append(lambda: generation_fluency(self.model, self.raw_formatter, self.fluency_prompts, self.fluency_tokens, self.cfg.eval.batch_size, self.device, deployed()))
+            extras.append(lambda: generation_fluency(self.model, self.raw_formatter, self.fluency_prompts, self.fluency_tokens, self.decode_batch, self.device, deployed()))
         for suite in self.suites.values():
-            extras.append(lambda suite=suite: score_suite(suite, self.model, self.formatter, deployed(), self.device, self.cfg.eval.batch_size))
-        answers = iter(self.world.run_shared(extras))
+            extras.append(lambda suite=suite: score_suite(suite, self.model, self.formatter, deployed(), self.device, self.decode_batch))
+        with use_decoded(self._decoded_ahead(deployed(), tasks_learnt)):
+            answers = iter(self.world.run_shared(extras))
         general = next(answers) if self.probe is not None else None
         fluency = next(answers) if self.fluency_prompts else None
         abilities = {name: next(answers) for name in self.suites} or None
@@ -226,13 +234,27 @@ class Experiment:
         self.events.evaluation(tasks_learnt, self.task_names, row)
         return row
 
+    def _decoded_ahead(self, members, tasks_learnt: int) -> dict:
+        """The probe's and the suites' greedy answers for a row, decoded together in shared batches."""
+        requests = generation_requests(self.suites.values())
+        if self.probe is not None and self.probe.metric not in CHOICE_METRICS:
+            requests += [(example, self.probe.answer_reserve) for example in self.probe.test]
+        known = self.base_answers if tasks_learnt == 0 else {}  # row 0 is the base model: what setup decoded stands
+        return {**known, **self._decode_together(members, requests, skip=known)}
+
+    def _decode_together(self, members, requests, skip: dict | None = None) -> dict:
+        """``decode_for_row`` when one model answers in one process (ensembles and data-parallel ranks decode per call)."""
+        if len(members) != 1 or self.world.size > 1 or not requests:
+            return {}
+        return decode_for_row(self.model, self.formatter, members[0], requests, self.decode_batch, self.device, skip or {})
+
     def _score_tasks(self, members_of, router_of, desc: str) -> list[dict]:
         """Every task's scores; under data parallelism each rank scores its share of the tasks."""
 
         def score(indices: list[int]) -> list[dict]:
             return evaluate_tasks(self.model, self.formatter, [self.tasks[i] for i in indices], self.cfg.eval.batch_size, self.device,
                                   lambda j: members_of(indices[j]), desc, self.cfg.eval.progress_bar and self.world.is_main,
-                                  router_of and (lambda j: router_of(indices[j])))
+                                  router_of and (lambda j: router_of(indices[j])), self.decode_batch)
 
         return self.world.map_shared(len(self.tasks), score)
 

@@ -121,7 +121,7 @@ def test_cached_decoding_after_virtual_tokens_equals_full_forward_passes(method)
     import peft
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from cl_runner.evaluation.generation import _greedy_after_virtual_prefix, _greedy_without_generate, _left_padded
+    from cl_runner.evaluation.generation import _greedy_without_generate, _left_padded, greedy_cached
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -137,10 +137,56 @@ def test_cached_decoding_after_virtual_tokens_equals_full_forward_passes(method)
     stops = [5, 7]
     ids, mask = _left_padded(prompts, 0)
     with torch.no_grad():
-        batched = _greedy_after_virtual_prefix(tuned, ids, mask, 8, stops)
+        batched = greedy_cached(tuned, ids, mask, [8] * len(prompts), stops)
         expected = [_greedy_without_generate(tuned, p, 8, stops, "cpu") for p in prompts]
         with tuned.disable_adapter():
             untuned = [_greedy_without_generate(tuned, p, 8, stops, "cpu") for p in prompts]
-    ours = [until_stop_token(row.tolist(), stops) for row in batched]
+    ours = [until_stop_token(row, stops) for row in batched]
     assert ours == expected
     assert expected != untuned  # the virtual tokens change the answers, so dropping them would show
+
+
+def test_rows_with_different_budgets_decode_in_one_batch_as_they_would_alone():
+    """greedy_cached: each row stops at its own budget or stop token, token for token as full forward passes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cl_runner.evaluation.generation import _greedy_without_generate, _left_padded, greedy_cached
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, tie_word_embeddings=False, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    prompts = [torch.randint(3, 96, (n,)).tolist() for n in (4, 9, 7, 5)]
+    budgets, stops = [2, 9, 5, 0], [5, 7]
+    ids, mask = _left_padded(prompts, 0)
+    with torch.no_grad():
+        batched = greedy_cached(model, ids, mask, budgets, stops)
+        expected = [_greedy_without_generate(model, p, n, stops, "cpu") for p, n in zip(prompts, budgets)]
+    assert all(len(row) <= n for row, n in zip(batched, budgets))
+    ours = [until_stop_token(row, stops) for row in batched]
+    assert ours == expected and len({len(e) for e in expected}) > 2  # the rows really ended at different points
+
+
+def test_generate_reads_answers_decoded_ahead(monkeypatch):
+    """Inside use_decoded, generate() answers from the shared decoding (no model call) with what it would have decoded."""
+    from cl_runner.config import compose_config
+    from cl_runner.evaluation.generation import decode_ahead, use_decoded
+    from cl_runner.models import load_model
+
+    model, tokenizer = load_model(compose_config([]).model)  # SmolLM2: real answers of different lengths
+    formatter = PromptFormatter(tokenizer, True, None, 256)
+    short = [Example("What is the capital of France?", ""), Example("Name a colour.", "")]
+    long = [Example("List three fruits, one per line.", "")]
+    alone = generate(model, formatter, short, 4, 8, "cpu"), generate(model, formatter, long, 12, 8, "cpu", until=["\n\n"])
+    replies = decode_ahead(model, formatter, [(e, 4) for e in short] + [(e, 12) for e in long], 8, "cpu")
+    assert len(replies) == 3 and all(alone[0]) and "\n" in alone[1][0]  # real text, the long one over several lines
+    monkeypatch.setattr(model, "generate", lambda *a, **k: pytest.fail("decoded again"))
+    with use_decoded(replies):
+        together = generate(model, formatter, short, 4, 8, "cpu"), generate(model, formatter, long, 12, 8, "cpu", until=["\n\n"])
+        with pytest.raises(pytest.fail.Exception):  # another length is not among the answers: the model decodes it
+            generate(model, formatter, short, 5, 8, "cpu")
+    assert together == alone
+    with pytest.raises(pytest.fail.Exception):  # outside the block the model decodes again
+        generate(model, formatter, short, 4, 8, "cpu")

@@ -53,6 +53,23 @@ def test_each_row_stores_every_suite_score_and_its_change_from_the_base_model(tm
     assert [row["scripted"]["score"] for row in state["abilities"]] == SCRIPT  # kept for a resume
 
 
+def test_a_row_decodes_the_probe_and_every_suite_together(tmp_path, monkeypatch):
+    """One shared decoding per row (and one at setup, which row 0 reuses); nothing is decoded per suite."""
+    import transformers
+
+    import cl_runner.evaluation.generation as generation
+
+    batches = []
+    decode = generation.greedy_cached
+    monkeypatch.setattr(generation, "greedy_cached", lambda model, ids, mask, budgets, stops: batches.append(list(budgets)) or decode(model, ids, mask, budgets, stops))
+    monkeypatch.setattr(transformers.GenerationMixin, "generate", lambda *a, **k: pytest.fail("a suite or the probe decoded on its own"))
+    results = run(compose_config(SMOKE), tmp_path)
+    assert len(results["abilities"]) == 6 and results["general"][0] is not None
+    # setup: drift's 2 instructions and knowledge's 2 facts; each row: 6 probe prompts and every suite's prompts, longest budgets first
+    assert len(batches) == 6 and sorted(batches[0], reverse=True) == batches[0] and len(batches[0]) == 4
+    assert len(batches[1]) == 6 + 2 + 2 + 1  # row 0: probe, IF, arithmetic, code; drift's and the known facts' answers come from setup
+
+
 def test_a_run_without_suites_has_empty_abilities(tmp_path):
     results = run(compose_config([*SMOKE, "~eval.suites"]), tmp_path)
     assert results["abilities"] == {} and results["abilities_delta"] == {}

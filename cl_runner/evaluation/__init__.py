@@ -30,8 +30,12 @@ Member = Callable[[], AbstractContextManager]
 
 
 def evaluate_task(model, formatter: PromptFormatter, task: Task, batch_size: int, device, members: Sequence[Member] = (nullcontext,),
-                  router: Callable[[Callable[[], Iterator[dict]]], list[int] | None] | None = None) -> dict[str, float]:
+                  router: Callable[[Callable[[], Iterator[dict]]], list[int] | None] | None = None,
+                  generation_batch_size: int | None = None) -> dict[str, float]:
     """The task's scores on its test split, each in [0, 1]: ``{"acc": .., "acc_norm": ..}`` or ``{metric: ..}``.
+
+    ``batch_size`` items are scored per forward pass, ``generation_batch_size`` (default: the
+    same) prompts decoded together.
 
     With several ``members`` (one model each), their choice log-likelihoods are averaged, and
     their generated answers put to a majority vote (a tie goes to the earliest member). A
@@ -57,7 +61,8 @@ def evaluate_task(model, formatter: PromptFormatter, task: Task, batch_size: int
             scores = [mean_scores([[answers[i]] for answers in per_member if i in answers])[0] for i in range(len(task.test))]
             return choice_metrics([e.choices for e in task.test], [e.target for e in task.test], scores)
         kwargs = task.generation_kwargs
-        per_member = [_answers(member, chosen[m], lambda items: generate(model, formatter, [task.test[i] for i in items], task.answer_reserve, batch_size, device, until=kwargs.get("until", ())))
+        decode_batch = generation_batch_size or batch_size
+        per_member = [_answers(member, chosen[m], lambda items: generate(model, formatter, [task.test[i] for i in items], task.answer_reserve, decode_batch, device, until=kwargs.get("until", ())))
                       for m, member in enumerate(members)]
         predictions = [majority_vote([answers[i] for answers in per_member if i in answers]) for i in range(len(task.test))]
         metric = GENERATION_METRICS[task.metric]
@@ -85,9 +90,10 @@ def majority_vote(answers: Sequence[str]) -> str:
 
 
 def evaluate_tasks(model, formatter, tasks: Sequence[Task], batch_size: int, device, members_of: Callable[[int], Sequence[Member]],
-                   desc: str, progress_bar: bool = True, router_of: Callable[[int], object] | None = None) -> list[dict[str, float]]:
+                   desc: str, progress_bar: bool = True, router_of: Callable[[int], object] | None = None,
+                   generation_batch_size: int | None = None) -> list[dict[str, float]]:
     """Score every task, task i with the models ``members_of(i)`` names (the method picks its weights), routed by ``router_of(i)``."""
     return [
-        evaluate_task(model, formatter, task, batch_size, device, members_of(index), router_of(index) if router_of else None)
+        evaluate_task(model, formatter, task, batch_size, device, members_of(index), router_of(index) if router_of else None, generation_batch_size)
         for index, task in enumerate(tqdm(tasks, desc=desc, leave=False, disable=not progress_bar))
     ]

@@ -38,6 +38,10 @@ class CodeSuite:
     def setup(self, model, formatter, members, device, batch_size: int) -> None:
         """Nothing to record on the base model."""
 
+    def generation_requests(self) -> list[tuple[Example, int]]:
+        """The greedy answers ``score`` will ask for (the runner may decode them ahead, with other suites')."""
+        return [(example, self.max_new_tokens) for example, _ in self.tasks]
+
     def score(self, model, formatter, members, device, batch_size: int) -> dict[str, float]:
         counts = dict.fromkeys(OUTCOMES, 0)
         for member in members:

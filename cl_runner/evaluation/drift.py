@@ -43,6 +43,12 @@ class InstructionDriftSuite:
             self.base_responses = generate(model, formatter, self.examples, self.max_new_tokens, batch_size, device)
             self.base_log_probs = self._log_probs_along_base(model, formatter, batch_size, device)
 
+    def generation_requests(self) -> list[tuple[Example, int]]:
+        """The greedy answers ``score`` will ask for (the runner may decode them ahead, with other suites')."""
+        return [(e, self.max_new_tokens) for e in self.examples]
+
+    setup_generation_requests = generation_requests  # the base model's responses, recorded once
+
     def score(self, model, formatter, members, device, batch_size: int) -> dict[str, float]:
         kls, rouges = [], []
         for member in members:

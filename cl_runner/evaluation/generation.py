@@ -7,11 +7,15 @@ list), at the chat template's end-of-turn token, and at the task's ``until`` str
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
 
 import torch
+from transformers import DynamicCache
 
 from cl_runner.forward import base_model, cache_argument, forward_selected, virtual_prefix_cache, virtual_prefix_kind
+from cl_runner.layout import takes_custom_layouts
 from cl_runner.formatting import PromptFormatter
 from cl_runner.tasks import Example
 
@@ -57,51 +61,112 @@ def generate(model, formatter: PromptFormatter, examples: Sequence[Example], max
     stop_ids = stop_token_ids(model, formatter)
     extra = {"stop_strings": list(until), "tokenizer": tokenizer} if until else {}
     outputs = [""] * len(examples)
+    prefetched = _PREFETCHED.get()
+    if prefetched is not None and all((tuple(e), max_new_tokens) in prefetched for e in encoded):
+        for index, prompt in enumerate(encoded):
+            text = tokenizer.decode(until_stop_token(prefetched[tuple(prompt), max_new_tokens], stop_ids), skip_special_tokens=True)
+            outputs[index] = cut_at_stop_strings(text, until).strip()
+        return outputs
     virtual_prefix = virtual_prefix_kind(model) is not None
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         ids, mask = _left_padded([encoded[i] for i in batch], tokenizer.pad_token_id)
         if virtual_prefix:
-            generated = _greedy_after_virtual_prefix(model, ids.to(device), mask.to(device), max_new_tokens, stop_ids)
+            generated = greedy_cached(model, ids.to(device), mask.to(device), [max_new_tokens] * len(batch), stop_ids)
         else:
             generated = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=False,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids, use_cache=True, **extra,
-            )[:, ids.shape[1] :]
+            )[:, ids.shape[1] :].tolist()
         for row, index in enumerate(batch):
-            text = tokenizer.decode(until_stop_token(generated[row].tolist(), stop_ids), skip_special_tokens=True)
+            text = tokenizer.decode(until_stop_token(generated[row], stop_ids), skip_special_tokens=True)
             outputs[index] = cut_at_stop_strings(text, until).strip()
     return outputs
 
 
-def _greedy_after_virtual_prefix(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stop_ids: Sequence[int]) -> torch.Tensor:
-    """Batched greedy decoding with a KV cache for PEFT prompt, P- and prefix tuning: the new tokens, ``[rows, <= max_new_tokens]``.
+def greedy_cached(model, ids: torch.Tensor, mask: torch.Tensor, budgets: Sequence[int], stop_ids: Sequence[int]) -> list[list[int]]:
+    """Batched greedy decoding with a KV cache: row ``r``'s new tokens, up to its first stop token or ``budgets[r]`` of them.
 
-    transformers' generate() passes its own cache and so drops a PEFT prefix (the model would
-    answer as if untuned). Here the virtual tokens run once as a cache (``virtual_prefix_cache``),
-    each left-padded prompt continues it, then one token per step. Rows that stopped keep
-    decoding (their tail is cut at the stop token) until every row has stopped.
+    Rows with different budgets share a batch (the fixed cost of a decoding step is paid once
+    for all), which transformers' generate() cannot do; a row that is done leaves the batch and
+    its cache, so it costs nothing after. PEFT prompt, P- and prefix tuning run their virtual
+    tokens once as a cache first (``virtual_prefix_cache``): generate() passes its own cache
+    and would drop a PEFT prefix.
     """
-    cache, length = virtual_prefix_cache(model)
-    cache.batch_repeat_interleave(ids.shape[0])
-    base, cache_name = base_model(model), cache_argument(model)
+    cache_name = cache_argument(model)
+    if virtual_prefix_kind(model) is not None:
+        cache, length = virtual_prefix_cache(model)
+        cache.batch_repeat_interleave(ids.shape[0])
+        model = base_model(model)
+    else:
+        cache, length = DynamicCache(config=base_model(model).config), 0
     mask = torch.cat([torch.ones((ids.shape[0], length), dtype=mask.dtype, device=mask.device), mask], dim=1)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, length:]
-    rows = torch.arange(ids.shape[0], device=ids.device)
     stops = torch.tensor(list(stop_ids), device=ids.device)
-    new_tokens, done = [], torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    step_ids, cols = ids, torch.full_like(rows, ids.shape[1] - 1)
-    for _ in range(max_new_tokens):
-        logits = forward_selected(base, step_ids, rows, cols, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_name: cache}).logits
-        token = logits.argmax(dim=-1)
-        new_tokens.append(token)
-        done |= torch.isin(token, stops)
-        if bool(done.all()):
+    budgets = torch.tensor(list(budgets), device=ids.device)
+    new_tokens: list[list[int]] = [[] for _ in range(ids.shape[0])]
+    alive = (budgets > 0).nonzero().squeeze(1)  # rows still decoding, as indices into the batch
+    if len(alive) < ids.shape[0]:
+        ids, mask, positions = ids[alive], mask[alive], positions[alive]
+    if len(alive) and len(alive) < len(budgets) and length:
+        cache.batch_select_indices(alive)
+    step_ids, cols = ids, torch.full_like(alive, ids.shape[1] - 1)
+    for step in range(int(budgets.max()) if len(budgets) else 0):
+        if not len(alive):
             break
-        step_ids, cols = token[:, None], torch.zeros_like(rows)
+        rows = torch.arange(len(alive), device=ids.device)
+        token = forward_selected(model, step_ids, rows, cols, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_name: cache}).logits.argmax(dim=-1)
+        for row, value in zip(alive.tolist(), token.tolist()):
+            new_tokens[row].append(value)
+        going = ~(torch.isin(token, stops) | (budgets[alive] <= step + 1))
+        if not bool(going.all()):
+            kept = going.nonzero().squeeze(1)
+            alive, token, mask, positions = alive[kept], token[kept], mask[kept], positions[kept]
+            if len(alive):
+                cache.batch_select_indices(kept)
+        step_ids, cols = token[:, None], torch.zeros_like(alive)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
-    return torch.stack(new_tokens, dim=1) if new_tokens else ids[:, :0]
+    return new_tokens
+
+
+# Replies decoded ahead, {(prompt token ids, max_new_tokens): new token ids}: generate() reads them.
+_PREFETCHED: ContextVar[dict | None] = ContextVar("prefetched_generations", default=None)
+
+
+def decode_ahead(model, formatter: PromptFormatter, requests: Sequence[tuple[Example, int]], batch_size: int, device, skip: Mapping = {}) -> dict:  # noqa: B006
+    """Greedy replies to every ``(example, max_new_tokens)`` request, decoded in shared batches (longest budgets first).
+
+    An evaluation row asks for greedy answers from several suites and the probe, each with a
+    few prompts and its own length. Decoded together, the row takes as many decoding steps as
+    its longest answer per batch instead of the sum over the suites. Hand the result to
+    ``use_decoded`` and generate() reads it. Empty for models whose forward does not take
+    explicit positions and a KV cache (``takes_custom_layouts``): they decode per call.
+    Requests already in ``skip`` (answers decoded before, with the same weights) are left out.
+    """
+    encoded = [key for key in dict.fromkeys((tuple(formatter.encode_prompt(e, reserve=n)), n) for e, n in requests) if key not in skip]
+    if not encoded or not takes_custom_layouts(model, max(len(p) + n for p, n in encoded)):
+        return {}
+    stop_ids = stop_token_ids(model, formatter)
+    encoded.sort(key=lambda item: (-item[1], -len(item[0])))
+    replies = {}
+    with torch.no_grad():
+        for start in range(0, len(encoded), batch_size):
+            batch = encoded[start : start + batch_size]
+            ids, mask = _left_padded([p for p, _ in batch], formatter.tokenizer.pad_token_id)
+            generated = greedy_cached(model, ids.to(device), mask.to(device), [n for _, n in batch], stop_ids)
+            replies.update(zip(batch, generated))
+    return replies
+
+
+@contextlib.contextmanager
+def use_decoded(replies: dict) -> Iterator[None]:
+    """Inside the block, generate() answers from ``replies`` (``decode_ahead``) where it holds every prompt asked."""
+    token = _PREFETCHED.set(replies or None)
+    try:
+        yield
+    finally:
+        _PREFETCHED.reset(token)
 
 
 def _greedy_without_generate(model, prompt: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int], device) -> list[int]:

@@ -214,6 +214,10 @@ class InstructionFollowingSuite:
     def setup(self, model, formatter, members, device, batch_size: int) -> None:
         """Nothing to record on the base model."""
 
+    def generation_requests(self) -> list[tuple[Example, int]]:
+        """The greedy answers ``score`` will ask for (the runner may decode them ahead, with other suites')."""
+        return [(Example(item["prompt"], ""), self.max_new_tokens) for item in self.items]
+
     def score(self, model, formatter, members, device, batch_size: int) -> dict[str, float]:
         examples = [Example(item["prompt"], "") for item in self.items]
         per_member = []

@@ -43,6 +43,13 @@ class KnowledgeRetentionSuite:
         [replies] = _answers(model, formatter, members[:1], self.examples, self.max_new_tokens, batch_size, device)
         self.known = [e for e, reply in zip(self.examples, replies) if contains(reply, e.target)]
 
+    def setup_generation_requests(self) -> list[tuple[Example, int]]:
+        return [(e, self.max_new_tokens) for e in self.examples]
+
+    def generation_requests(self) -> list[tuple[Example, int]]:
+        """The greedy answers ``score`` will ask for (the runner may decode them ahead, with other suites')."""
+        return [(e, self.max_new_tokens) for e in self.known]
+
     def score(self, model, formatter, members, device, batch_size: int) -> dict[str, float | None]:
         if not self.known:
             return {"retained": None, "known": 0.0}
@@ -90,6 +97,9 @@ class ArithmeticSuite:
 
     def setup(self, model, formatter, members, device, batch_size: int) -> None:
         """Nothing to record on the base model."""
+
+    def generation_requests(self) -> list[tuple[Example, int]]:
+        return [(e, self.max_new_tokens) for e in self.examples]
 
     def score(self, model, formatter, members, device, batch_size: int) -> dict[str, float]:
         per_member = _answers(model, formatter, members, self.examples, self.max_new_tokens, batch_size, device)

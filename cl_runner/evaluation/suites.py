@@ -11,6 +11,12 @@ them at full size. A suite class provides:
     score(model, formatter, members, device, batch_size) -> dict[str, float]
                        one row: the model as deployed after the tasks learnt so far (the
                        members are the method's ensemble, usually one), in eval mode
+    generation_requests() -> list[(Example, max_new_tokens)]    (optional)
+                       the greedy answers the next ``score`` will ask generate() for: the
+                       runner decodes every suite's (and the probe's) together, in shared
+                       batches, and generate() inside ``score`` reads them (``use_decoded``)
+    setup_generation_requests() -> list[(Example, max_new_tokens)]    (optional)
+                       the same for ``setup`` (the base model's answers; row 0 reuses them)
 
 Each row's scores go to ``results.json`` under ``abilities`` (with their change from row 0 under
 ``abilities_delta``), to ``train_log.jsonl`` and to W&B as ``ability/<suite>/<score>``.
@@ -25,6 +31,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from cl_runner.errors import UserError
+from cl_runner.evaluation.generation import decode_ahead
 
 T = TypeVar("T")
 DATA_DIR = Path(__file__).parent / "data"  # the suites' built-in items
@@ -84,6 +91,18 @@ def score_suite(suite, model, formatter, members, device, batch_size: int) -> di
     with _eval_mode(model):
         scores = suite.score(model, formatter, members, device, batch_size)
     return {key: None if value is None else float(value) for key, value in scores.items()}
+
+
+def generation_requests(suites, at_setup: bool = False) -> list:
+    """Every ``(example, max_new_tokens)`` the suites' next ``score`` (``setup`` when ``at_setup``) will decode."""
+    method = "setup_generation_requests" if at_setup else "generation_requests"
+    return [request for suite in suites for request in getattr(suite, method, list)()]
+
+
+def decode_for_row(model, formatter, member, requests, batch_size: int, device, skip: Mapping = {}) -> dict:  # noqa: B006 - read only
+    """``decode_ahead`` of the requests not in ``skip``, in eval mode, with ``member`` (the one model that answers) entered."""
+    with _eval_mode(model), member():
+        return decode_ahead(model, formatter, requests, batch_size, device, skip)
 
 
 def ability_series(rows: Sequence[Mapping[str, Mapping[str, float]] | None]) -> tuple[dict, dict]:
