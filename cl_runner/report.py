@@ -13,6 +13,8 @@ table). Runs without ``results.json`` are listed under the tables as unfinished 
 ``--table edits`` gives knowledge-editing runs their own columns, from the edit tasks' scores:
 immediate (task t's scores right after it was learnt, the matrix's diagonal) and retention (the
 last row), averaged over the edit tasks, with EasyEdit's locality and the change in fluency.
+``--table abilities``: the general-ability suites' change from the base model to the last row
+(knowledge retention and drift as their last-row values, which are relative to the base already).
 """
 
 from __future__ import annotations
@@ -99,7 +101,36 @@ EDIT_COLUMNS = (
     Column("fluency Δ", _fluency_delta, ".2f"),
     Column("s per task", _resource("seconds_per_task"), ".0f"),
 )
-TABLES = {"default": COLUMNS, "edits": EDIT_COLUMNS}
+def _ability_change(suite: str, score: str) -> Callable[[dict], float | None]:
+    """The suite score's change from the base model (row 0) to the last row."""
+    def value(results: dict) -> float | None:
+        changes = ((results.get("abilities_delta") or {}).get(suite) or {}).get(score) or []
+        return changes[-1] if changes else None
+
+    return value
+
+
+def _ability_last(suite: str, score: str) -> Callable[[dict], float | None]:
+    def value(results: dict) -> float | None:
+        values = ((results.get("abilities") or {}).get(suite) or {}).get(score) or []
+        return values[-1] if values else None
+
+    return value
+
+
+ABILITY_COLUMNS = (
+    Column("acc", _metric("acc")),
+    Column("BWT", _metric("bwt")),
+    Column("general Δ", _metric("general_delta"), ".2f"),
+    Column("instructions Δ (strict)", _ability_change("instruction_following", "prompt_level_strict_acc"), ".2f"),
+    Column("knowledge retained", _ability_last("knowledge_retention", "retained"), ".2f"),
+    Column("arithmetic Δ", _ability_change("arithmetic", "accuracy"), ".2f"),
+    Column("commonsense Δ", _ability_change("commonsense", "acc"), ".2f"),
+    Column("code pass@1 Δ", _ability_change("code", "pass@1"), ".2f"),
+    Column("drift KL", _ability_last("instruction_drift", "kl"), ".2f"),
+    Column("drift ROUGE-L", _ability_last("instruction_drift", "rouge_l"), ".2f"),
+)
+TABLES = {"default": COLUMNS, "edits": EDIT_COLUMNS, "abilities": ABILITY_COLUMNS}
 
 
 def read_overrides(run_dir: Path) -> dict[str, str]:
@@ -278,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cl-runner-report", description="Mean ± std over seeds of every run's results.json under the given folders.")
     parser.add_argument("folders", nargs="+", type=Path, help="sweep or run folders (searched recursively)")
     parser.add_argument("--split", default=None, help="one table per value of this override, e.g. task_sequence")
-    parser.add_argument("--table", default="default", choices=sorted(TABLES), help="columns: default (the matrix metrics and resources) or edits (editing scores)")
+    parser.add_argument("--table", default="default", choices=sorted(TABLES), help="columns: default (the matrix metrics and resources), edits (editing scores) or abilities (the general-ability suites and drift, last row against the base model)")
     parser.add_argument("--format", default="markdown", choices=sorted(FORMATS), help="markdown (with the runs without results), latex or csv")
     parser.add_argument("--plots", type=Path, default=None, help="also write figures into this folder (cl_runner/report_plots.py)")
     args = parser.parse_args(argv)
