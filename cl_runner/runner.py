@@ -32,7 +32,7 @@ from cl_runner.editing.locality import attach_locality_references
 from cl_runner.evaluation import CHOICE_METRICS, evaluate_task, evaluate_tasks
 from cl_runner.evaluation.fluency import fluency_settings, generation_fluency
 from cl_runner.evaluation.generation import use_decoded
-from cl_runner.evaluation.suites import build_suites, decode_for_row, generation_requests, score_suite, setup_suite
+from cl_runner.evaluation.suites import build_suites, decode_for_row, generation_requests, score_suite, scores_row, setup_suite
 from cl_runner.formatting import PromptFormatter
 from cl_runner.loggers import NullLogger
 from cl_runner.models import load_model, resolve_device
@@ -222,21 +222,22 @@ class Experiment:
                                                 self.decode_batch)[self.probe.metric])
         if self.fluency_prompts:
             extras.append(lambda: generation_fluency(self.model, self.raw_formatter, self.fluency_prompts, self.fluency_tokens, self.decode_batch, self.device, deployed()))
-        for suite in self.suites.values():
+        suites = {name: suite for name, suite in self.suites.items() if scores_row(suite, tasks_learnt, len(self.tasks) + 1)}
+        for suite in suites.values():
             extras.append(lambda suite=suite: score_suite(suite, self.model, self.formatter, deployed(), self.device, self.decode_batch))
-        with use_decoded(self._decoded_ahead(deployed(), tasks_learnt)):
+        with use_decoded(self._decoded_ahead(deployed(), tasks_learnt, suites.values())):
             answers = iter(self.world.run_shared(extras))
         general = next(answers) if self.probe is not None else None
         fluency = next(answers) if self.fluency_prompts else None
-        abilities = {name: next(answers) for name in self.suites} or None
+        abilities = {name: next(answers) for name in suites} or None
         report = self.world.merge_reports(self.method.row_report(tasks_learnt))  # each rank saw the tasks it scored
         row = Row(scores, task_scores, general, time.perf_counter() - started, report, fluency, abilities)
         self.events.evaluation(tasks_learnt, self.task_names, row)
         return row
 
-    def _decoded_ahead(self, members, tasks_learnt: int) -> dict:
+    def _decoded_ahead(self, members, tasks_learnt: int, suites) -> dict:
         """The probe's and the suites' greedy answers for a row, decoded together in shared batches."""
-        requests = generation_requests(self.suites.values())
+        requests = generation_requests(suites)
         if self.probe is not None and self.probe.metric not in CHOICE_METRICS:
             requests += [(example, self.probe.answer_reserve) for example in self.probe.test]
         known = self.base_answers if tasks_learnt == 0 else {}  # row 0 is the base model: what setup decoded stands

@@ -17,6 +17,9 @@ them at full size. A suite class provides:
                        batches, and generate() inside ``score`` reads them (``use_decoded``)
     setup_generation_requests() -> list[(Example, max_new_tokens)]    (optional)
                        the same for ``setup`` (the base model's answers; row 0 reuses them)
+    scores_row(row, rows) -> bool    (optional)
+                       whether to score row ``row`` of ``rows`` (e.g. lm-eval only at chosen
+                       rows); a row it skips holds null
 
 Each row's scores go to ``results.json`` under ``abilities`` (with their change from row 0 under
 ``abilities_delta``), to ``train_log.jsonl`` and to W&B as ``ability/<suite>/<score>``.
@@ -93,6 +96,12 @@ def score_suite(suite, model, formatter, members, device, batch_size: int) -> di
     return {key: None if value is None else float(value) for key, value in scores.items()}
 
 
+def scores_row(suite, row: int, rows: int) -> bool:
+    """Whether ``suite`` is scored on row ``row`` of ``rows`` (every row unless it has ``scores_row``)."""
+    chooser = getattr(suite, "scores_row", None)
+    return chooser is None or bool(chooser(row, rows))
+
+
 def generation_requests(suites, at_setup: bool = False) -> list:
     """Every ``(example, max_new_tokens)`` the suites' next ``score`` (``setup`` when ``at_setup``) will decode."""
     method = "setup_generation_requests" if at_setup else "generation_requests"
@@ -111,7 +120,9 @@ def ability_series(rows: Sequence[Mapping[str, Mapping[str, float]] | None]) -> 
     for row, abilities in enumerate(rows):
         for suite, scores in (abilities or {}).items():
             for key, value in scores.items():
-                series.setdefault(suite, {}).setdefault(key, [None] * row).append(value)
+                values = series.setdefault(suite, {}).setdefault(key, [])
+                values.extend([None] * (row - len(values)))  # rows the suite skipped (or before it had this score)
+                values.append(value)
     for scores in series.values():
         for values in scores.values():
             values.extend([None] * (len(rows) - len(values)))
