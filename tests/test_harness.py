@@ -61,27 +61,26 @@ def test_the_bridge_scores_a_local_task_on_the_model_in_process(tmp_path):
 
     model, tokenizer = load_model(compose_config([]).model)  # SmolLM2 knows these capitals
     formatter = PromptFormatter(tokenizer)
-    suite = HarnessSuite(tasks=[local_task(tmp_path)], include_path=str(tmp_path))
+    suite = HarnessSuite(tasks=[local_task(tmp_path)], include_path=str(tmp_path), include_defaults=False)
     suite.setup(model, formatter, [contextlib.nullcontext], "cpu", 8)
     assert suite.score(model, formatter, [contextlib.nullcontext], "cpu", 8) == {"local_capitals/acc": 1.0}
     broken = suite.score(model, formatter, [lambda: scrambled(model)], "cpu", 8)["local_capitals/acc"]
     assert broken < 0.7  # the weights as they are in this process, not a copy loaded from disk
-    assert suite.score(model, formatter, [contextlib.nullcontext], "cpu", 8) == {"local_capitals/acc": 1.0}  # restored
 
 
 def test_harness_scores_go_to_the_chosen_rows_of_results(tmp_path):
     name = local_task(tmp_path)
-    overrides = ["+eval.suites.harness._target_=cl_runner.evaluation.harness.HarnessSuite", f"+eval.suites.harness.tasks=[{name}]",
-                 f"+eval.suites.harness.include_path={tmp_path}", "+eval.suites.harness.rows=[0,-1]", "~eval.suites.code"]
+    overrides = ["~eval.suites", "+eval.suites.harness._target_=cl_runner.evaluation.harness.HarnessSuite", f"+eval.suites.harness.tasks=[{name}]",
+                 f"+eval.suites.harness.include_path={tmp_path}", "+eval.suites.harness.include_defaults=false", "+eval.suites.harness.rows=[0,-1]", "task_sequence.tasks=[second_word,third_word]"]
     results = run(compose_config([*SMOKE, *overrides]), tmp_path / "run")
     accuracy = results["abilities"]["harness"]["local_capitals/acc"]
-    assert len(accuracy) == 5 and accuracy[1:4] == [None] * 3  # base and after the last task only
-    assert all(0.0 <= a <= 1.0 for a in (accuracy[0], accuracy[4]))
-    assert results["abilities_delta"]["harness"]["local_capitals/acc"][4] == pytest.approx(accuracy[4] - accuracy[0])
+    assert len(accuracy) == 3 and accuracy[1] is None  # base and after the last task only
+    assert all(0.0 <= a <= 1.0 for a in (accuracy[0], accuracy[2]))
+    assert results["abilities_delta"]["harness"]["local_capitals/acc"][2] == pytest.approx(accuracy[2] - accuracy[0])
 
 
 def test_an_unknown_harness_task_is_one_clear_error(tmp_path):
     from cl_runner.evaluation.harness import HarnessSuite
 
     with pytest.raises(UserError, match="lm-eval knows no task no_such_task"):
-        HarnessSuite(tasks=["no_such_task"], include_path=str(tmp_path)).setup(None, None, [], "cpu", 8)
+        HarnessSuite(tasks=["no_such_task"], include_path=str(tmp_path), include_defaults=False).setup(None, None, [], "cpu", 8)

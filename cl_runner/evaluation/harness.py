@@ -9,7 +9,8 @@ prompts, few-shot sampling and metrics are lm-eval's. Each score is stored per r
 ``abilities.harness`` as ``<task>/<metric>`` (lm-eval's filter name appended when it is not
 ``none``); rows not chosen hold null. Tasks come from lm-eval's registry (hub datasets: MMLU,
 GSM8K, ARC, HumanEval where the hub is reachable) or from ``include_path``, a folder of task
-YAMLs in lm-eval's format that may read local files (tested offline that way).
+YAMLs in lm-eval's format that may read local files (tested offline that way;
+``include_defaults: false`` then skips indexing lm-eval's own registry).
 """
 
 from __future__ import annotations
@@ -50,12 +51,13 @@ class HarnessSuite:
     headline = None  # the first task's first metric
 
     def __init__(self, tasks: list[str], rows: list[int] | None = None, num_fewshot: int | None = None, limit: float | None = None,
-                 include_path: str | None = None, batch_size: int = 8, apply_chat_template: bool = False, seed: int = 0):
+                 include_path: str | None = None, include_defaults: bool = True, batch_size: int = 8, apply_chat_template: bool = False,
+                 seed: int = 0):
         if not tasks:
             raise UserError("eval.suites.harness.tasks is empty: name lm-eval tasks, e.g. [arc_easy]")
         self.tasks = list(tasks)
         self.rows = None if rows is None else [int(r) for r in rows]
-        self.num_fewshot, self.limit, self.include_path = num_fewshot, limit, include_path
+        self.num_fewshot, self.limit, self.include_path, self.include_defaults = num_fewshot, limit, include_path, include_defaults
         self.batch_size, self.apply_chat_template, self.seed = batch_size, apply_chat_template, seed
         self.task_manager = None
 
@@ -66,7 +68,8 @@ class HarnessSuite:
     def setup(self, model, formatter, members, device, batch_size: int) -> None:
         """Check the tasks exist (before any training), with lm-eval's task list."""
         _, _, TaskManager = _lm_eval()
-        self.task_manager = TaskManager(include_path=self.include_path) if self.include_path else TaskManager()
+        # Indexing lm-eval's own task registry takes ~10 s; include_defaults: false skips it (local tasks only).
+        self.task_manager = TaskManager(include_path=self.include_path, include_defaults=self.include_defaults)
         unknown = [t for t in self.tasks if t not in self.task_manager.all_tasks]
         if unknown:
             where = f" or in {self.include_path}" if self.include_path else " (add include_path: a folder of task YAMLs)"
