@@ -52,13 +52,14 @@ class HarnessSuite:
 
     def __init__(self, tasks: list[str], rows: list[int] | None = None, num_fewshot: int | None = None, limit: float | None = None,
                  include_path: str | None = None, include_defaults: bool = True, batch_size: int = 8, apply_chat_template: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, confirm_run_unsafe_code: bool = False):
         if not tasks:
             raise UserError("eval.suites.harness.tasks is empty: name lm-eval tasks, e.g. [arc_easy]")
         self.tasks = list(tasks)
         self.rows = None if rows is None else [int(r) for r in rows]
         self.num_fewshot, self.limit, self.include_path, self.include_defaults = num_fewshot, limit, include_path, include_defaults
         self.batch_size, self.apply_chat_template, self.seed = batch_size, apply_chat_template, seed
+        self.confirm_run_unsafe_code = confirm_run_unsafe_code  # lm-eval's own switch for tasks that execute model code (HumanEval)
         self.task_manager = None
 
     def scores_row(self, row: int, rows: int) -> bool:
@@ -85,6 +86,7 @@ class HarnessSuite:
                     model=lm, tasks=self.tasks, num_fewshot=self.num_fewshot, limit=self.limit, task_manager=self.task_manager,
                     apply_chat_template=self.apply_chat_template, log_samples=False, random_seed=self.seed, numpy_random_seed=self.seed,
                     torch_random_seed=self.seed, fewshot_random_seed=self.seed, verbosity="WARNING",
+                    confirm_run_unsafe_code=self.confirm_run_unsafe_code,
                 )
             per_member.append(flatten_results(results["results"]))
         # An ensemble's members are each scored; the row holds their mean.
