@@ -8,8 +8,10 @@ Speed comes from computing less, not from approximating (cl_runner/layout.py): a
 items goes into prefix-tree rows, so each item's prompt is computed once for all its choices
 and the prefix that the items share (chat template, system prompt, instruction) once for the
 whole row; the vocabulary projection runs only at the positions that predict a choice token.
-Models that cannot take a prefix-tree layout (PEFT prompt learning, attention kernels without
-custom masks) are scored one padded sequence per choice, still projecting only where read.
+PEFT prompt, P- and prefix tuning run their virtual tokens once as a KV cache that the tree's
+rows continue. Models that cannot take a prefix-tree layout (attention kernels without custom
+masks, other virtual-token methods) are scored one padded sequence per choice, still
+projecting only where read.
 """
 
 from __future__ import annotations
