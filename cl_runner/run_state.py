@@ -94,8 +94,8 @@ class RunState:
         return [self.checkpoint_dir(t) for t in range(self.tasks_completed)]
 
     @classmethod
-    def open(cls, run_dir: Path, settings: dict, tasks: list[str], data: dict) -> RunState:
-        """Load the state of ``run_dir`` or start a new one; refuse a run with other settings or other data."""
+    def open(cls, run_dir: Path, settings: dict, tasks: list[str], data: dict, may_change: tuple[str, ...] = ()) -> RunState:
+        """Load the state of ``run_dir`` or start a new one; refuse a run with other settings (but those under ``may_change``) or other data."""
         path = run_dir / STATE_FILE
         if not path.exists():
             return cls(run_dir, settings, tasks, data=data)
@@ -108,7 +108,7 @@ class RunState:
                 f"run directory {run_dir} was written by another version of cl-runner, which scores tasks differently; "
                 "use another directory (hydra.run.dir=...) or delete this one"
             )
-        changed = changed_settings(saved["settings"], settings)
+        changed = [k for k in changed_settings(saved["settings"], settings) if not k.startswith(may_change)]
         if changed:
             detail = ", ".join(f"{k}: {saved['settings'].get(k)!r} -> {settings.get(k)!r}" for k in changed[:3])
             raise UserError(

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
 from cl_runner.config import build
@@ -127,7 +128,7 @@ def _format_score(score: float | None, spec: str = ".2f") -> str:
 class Experiment:
     """One run: built from the config, then driven by :meth:`run`."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, world: World = World()):
+    def __init__(self, cfg: DictConfig, run_dir: Path, world: World = World(), rescoring: bool = False):
         self.cfg = cfg
         self.run_dir = run_dir
         self.world = world  # under torchrun: the ranks train together, only rank 0 writes
@@ -150,7 +151,8 @@ class Experiment:
         self.replay_tasks = self.replay.data_tasks(list(cfg.task_sequence.task_dirs))
         fingerprints = {t.name: t.fingerprint() for t in [*self.tasks, *([self.probe] if self.probe else [])]}
         fingerprints.update({f"replay/{t.name}": t.fingerprint() for t in self.replay_tasks})
-        self.state = RunState.open(run_dir, result_settings(self.config), self.task_names, fingerprints)
+        # Re-scoring a stored run (rescore) may change what is evaluated, nothing else.
+        self.state = RunState.open(run_dir, result_settings(self.config), self.task_names, fingerprints, ("eval.",) if rescoring else ())
         self.state.writer = world.is_main
         self.timing: dict = {}
         self._encoded: dict[str, list] = {}
@@ -172,8 +174,8 @@ class Experiment:
             self._encoded[task.name] = [formatter.encode_example(e, task.answer_reserve) for e in task.train]
         return self._encoded[task.name]
 
-    def _setup(self) -> None:
-        started = time.perf_counter()
+    def _build_model(self):
+        """The base model with the method set up on it (as before the first task); returns the tokenizer."""
         model, tokenizer = load_model(self.cfg.model)
         self.formatter = PromptFormatter(tokenizer, self.cfg.model.use_chat_template, self.cfg.model.system_prompt, self.cfg.trainer.max_length)
         # Seeded right before the method draws its adapter initialisation: loading may or may
@@ -181,6 +183,11 @@ class Experiment:
         seed_everything(self.cfg.seed)
         self.model = self.method.setup(model).to(self.device)
         self.method.use_tokenizer(tokenizer)
+        return tokenizer
+
+    def _setup(self) -> None:
+        started = time.perf_counter()
+        tokenizer = self._build_model()
         # Knowledge edits are completions of raw text ("The capital of France is"), not chat turns.
         self.raw_formatter = PromptFormatter(tokenizer, False, None, self.cfg.trainer.max_length)
         # EasyEdit's locality compares with the unedited model's tokens: taken now, before a resumed run loads its checkpoints.
@@ -327,6 +334,50 @@ class Experiment:
             raise
         self.logger.finish()
         return results
+
+    def rescore(self) -> dict:
+        """Score the eval suites again on every stored row, from the task checkpoints (no training).
+
+        Each row's model is rebuilt as a resumed run would have it after that many tasks
+        (the method set up afresh, then the checkpoints of the tasks before the row), so rows
+        do not leak into each other. The suites' scores replace the stored ones; the matrix,
+        task scores and probe stay. The run's eval settings become the new ones (resume it
+        with them). A finished run's results.json is written again.
+        """
+        rows = len(self.state.acc_matrix)
+        if not rows:
+            raise UserError(f"{self.run_dir} has no evaluated row yet: nothing to re-score")
+        started = time.perf_counter()
+        self.state.record_invocation(invocation_record(str(self.device), self.state.tasks_completed))
+        self.logger = NullLogger()
+        self.events = EventLog(self.run_dir / "train_log.jsonl", self.logger, writer=self.world.is_main)
+        abilities = []
+        for row in tqdm(range(rows), desc="re-score rows", disable=not self.cfg.eval.progress_bar):
+            self.method = build(self.cfg.method, "method")
+            self._build_model()
+            if row == 0:
+                base_members = self.method.eval_members(self.model, 0, 0)
+                with use_decoded(self._decode_together(base_members, generation_requests(self.suites.values(), at_setup=True))):
+                    for suite in self.suites.values():
+                        setup_suite(suite, self.model, self.formatter, base_members, self.device, self.decode_batch)
+            else:
+                self.method.load_checkpoint(self.model, self.state.completed_checkpoints()[:row])
+            members = self.method.eval_members(self.model, row, max(0, row - 1))
+            suites = {name: suite for name, suite in self.suites.items() if scores_row(suite, row, len(self.tasks) + 1)}
+            with use_decoded(self._decode_together(members, generation_requests(suites.values()))):
+                abilities.append({name: score_suite(suite, self.model, self.formatter, members, self.device, self.decode_batch)
+                                  for name, suite in suites.items()} or None)
+            log.info("re-scored row %d/%d: %s", row, rows - 1, {name: scores.get(suite.headline) for name, suite in suites.items()
+                                                                 for scores in [abilities[-1][name]] if suite.headline})
+        self.state.abilities = abilities
+        self.state.settings = result_settings(self.config)
+        self.state.save()
+        self.events.write({"event": "rescore", "rows": rows, "suites": sorted(self.suites)})
+        results_file = self.run_dir / "results.json"
+        if self.state.tasks_completed == len(self.tasks) and results_file.exists():
+            rolled_back = json.loads(results_file.read_text()).get("rollback")  # kept: re-scoring does not redo it
+            return self._finish(time.perf_counter() - started, rolled_back)
+        return {"abilities": abilities}
 
     def _rollback(self) -> dict:
         """Undo the named tasks (in the order given) after the sequence and score every task again."""
