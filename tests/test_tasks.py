@@ -8,7 +8,11 @@ import pytest
 
 from cl_runner.errors import UserError
 from cl_runner.tasks import load_task, load_task_sequence
+from omegaconf import OmegaConf
+
 from conftest import REPO
+
+FIXTURES = REPO / "tests" / "data"
 
 BUILTIN_DATA = REPO / "cl_runner" / "tasks" / "builtin" / "data"
 
@@ -189,3 +193,48 @@ def test_fingerprint_follows_the_examples(tmp_path):
     write_jsonl(tmp_path / "test.jsonl", [{"q": "1+1", "a": "3"}])
     edited = load_task(spec).fingerprint()
     assert edited["train"] == first["train"] and edited["test"] != first["test"]
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_standard_cl_orders_load_from_a_local_copy_of_the_hub_records(order):
+    """task_sequence=standard_cl_order<n>: the O-LoRA task orders, label words from the hub schema, samples per class."""
+    from cl_runner.config import compose_config
+    from cl_runner.tasks.spec import load_task_sequence
+
+    expected = {1: ["dbpedia", "amazon", "yahoo", "ag_news"], 2: ["dbpedia", "amazon", "ag_news", "yahoo"], 3: ["yahoo", "amazon", "ag_news", "dbpedia"]}
+    cfg = compose_config([f"task_sequence=standard_cl_order{order}", f"task_sequence.data_dir={FIXTURES / 'standard_cl'}",
+                          "task_sequence.train_per_class=2", "task_sequence.eval_per_class=1"])
+    tasks, probe = load_task_sequence(OmegaConf.to_container(cfg.task_sequence, resolve=True))
+    assert [t.name for t in tasks] == expected[order] and probe.name == "general_probe"
+    by_name = {t.name: t for t in tasks}
+    classes = {"ag_news": 4, "dbpedia": 14, "yahoo": 10, "amazon": 5}
+    for name, task in by_name.items():
+        assert len(task.train) == 2 * classes[name] and len(task.test) == classes[name]  # 2 / 1 per class, every class
+        assert task.metric == "exact_match" and task.answer_reserve == 8
+        assert sorted({e.target for e in task.train}) == sorted({e.target for e in task.test})
+    news = by_name["ag_news"].train[:4]  # the fixture interleaves the classes 0, 1, 2, 3
+    assert [e.target for e in news] == ["World", "Sports", "Business", "Science"]
+    assert news[1].prompt.startswith("What is the topic of the following paragraph?") and "train news story 0 of kind 1." in news[1].prompt
+    assert by_name["amazon"].test[4].target == "very positive" and "Option: very negative, negative" in by_name["amazon"].test[4].prompt
+    assert by_name["yahoo"].train[1].target == "Science & Mathematics"
+
+
+def test_a_benchmark_sequence_without_its_local_copy_says_where_it_looked(tmp_path):
+    from cl_runner.config import compose_config
+    from cl_runner.tasks.spec import load_task_sequence
+
+    cfg = compose_config(["task_sequence=standard_cl_order1", f"task_sequence.data_dir={tmp_path}"])
+    with pytest.raises(UserError, match=r"task 'dbpedia': data file .*dbpedia/test.jsonl' for split 'test' not found"):
+        load_task_sequence(OmegaConf.to_container(cfg.task_sequence, resolve=True))
+
+
+def test_a_run_on_a_benchmark_sequence_fills_its_matrix(tmp_path):
+    from cl_runner.config import compose_config
+    from cl_runner.runner import run
+    from conftest import SMOKE
+
+    cfg = compose_config([*SMOKE, "task_sequence=standard_cl_order1", f"task_sequence.data_dir={FIXTURES / 'standard_cl'}", "task_sequence.tasks=[amazon,ag_news]",
+                          "task_sequence.train_per_class=1", "task_sequence.eval_per_class=1", "task_sequence.general_probe=null", "~eval.suites", "trainer.max_steps=1"])
+    results = run(cfg, tmp_path)
+    assert results["tasks"] == ["amazon", "ag_news"]
+    assert len(results["acc_matrix"]) == 3 and all(len(row) == 2 and all(0 <= v <= 1 for v in row) for row in results["acc_matrix"])

@@ -26,6 +26,8 @@ from cl_runner.errors import UserError
 from cl_runner.tasks.sources import load_split
 
 BUILTIN_TASK_DIR = Path(__file__).parent / "builtin"
+BENCHMARK_TASK_DIR = Path(__file__).parent / "benchmarks"  # the field's sequences (hub data, or a local copy)
+TASK_DIR_NAMES = {"builtin": BUILTIN_TASK_DIR, "benchmarks": BENCHMARK_TASK_DIR}
 METRICS = ("acc", "acc_norm", "exact_match", "contains", "rouge_l")
 # Knowledge-edit tasks (type: edit) put one of CounterFact's scores into the accuracy matrix.
 EDIT_METRICS = ("efficacy", "paraphrase", "neighborhood", "edit_score")
@@ -55,6 +57,9 @@ class Task:
     test_split: str = "test"
     train_size: int | None = None  # first N training records (None: all)
     eval_size: int | None = None  # first N test records (None: all)
+    # The first N records of each answer (class), in file order: the field's fixed samples per class.
+    train_per_class: int | None = None
+    eval_per_class: int | None = None
     generation_kwargs: dict[str, Any] = field(default_factory=lambda: {"max_new_tokens": 16})
     description: str = ""
     # One data file for both splits: hold out test_size records (a fraction in (0, 1) or a
@@ -157,7 +162,7 @@ def find_task_file(name: str, task_dirs: list[str]) -> Path:
         if candidate.exists():
             return candidate.resolve()
         raise UserError(f"task file '{name}' not found")
-    dirs = [BUILTIN_TASK_DIR if d == "builtin" else Path(d) for d in task_dirs]
+    dirs = [TASK_DIR_NAMES.get(d, Path(d)) for d in task_dirs]
     for directory in dirs:
         path = directory / f"{name}.yaml"
         if path.exists():
@@ -217,8 +222,8 @@ def _render_split(task: Task, split: str, records: list[tuple[str, int, dict]]) 
     return examples
 
 
-def load_task(spec: str | dict, task_dirs: list[str] | None = None, size_overrides: dict | None = None) -> Task:
-    """Build a validated :class:`Task` from a task name, a YAML path, or an inline mapping."""
+def load_task(spec: str | dict, task_dirs: list[str] | None = None, size_overrides: dict | None = None, data_dir: str | None = None) -> Task:
+    """Build a validated :class:`Task` from a task name, a YAML path, or an inline mapping (``data_dir``: ``use_local_copy``)."""
     task_dirs = list(task_dirs or ["builtin"])
     raw = _resolve_includes(find_task_file(spec, task_dirs)) if isinstance(spec, str) else dict(spec)
     if isinstance(spec, dict) and "include" in raw:
@@ -234,6 +239,8 @@ def load_task(spec: str | dict, task_dirs: list[str] | None = None, size_overrid
     if missing:
         raise UserError(f"task '{name}': missing required key(s) {sorted(missing)}")
     raw.update({k: v for k, v in (size_overrides or {}).items() if v is not None})
+    if data_dir and raw.get("dataset_path") not in ("json", "jsonl", "csv", "parquet"):
+        raw = use_local_copy(raw, data_dir)
     if raw.get("type") == "edit":
         raw.setdefault("doc_to_text", "")
         raw.setdefault("doc_to_target", "")
@@ -256,10 +263,38 @@ def load_task(spec: str | dict, task_dirs: list[str] | None = None, size_overrid
     splits = {"test": (task.test_split, task.eval_size)}
     if task.training_split:
         splits["train"] = (task.training_split, task.train_size)
+    per_class = {"train": task.train_per_class, "test": task.eval_per_class}
     for attr, (split, limit) in splits.items():
-        records = load_split(task, split, limit)
+        records = load_split(task, split, None if per_class[attr] else limit)
+        if per_class[attr]:
+            records = _first_per_class(task, records, per_class[attr])[:limit]
         setattr(task, attr, _render_split(task, split, records))
     return task
+
+
+def _first_per_class(task: Task, records: list[tuple[str, int, dict]], count: int) -> list[tuple[str, int, dict]]:
+    """The first ``count`` records of each target (rendered with doc_to_target), in file order."""
+    target_of = _renderer(task.doc_to_target, task.name, "doc_to_target")
+    taken: dict[str, int] = {}
+    kept = []
+    for record in records:
+        try:
+            target = target_of(**record[2]).strip()
+        except (jinja2.UndefinedError, KeyError) as exc:
+            raise UserError(f"task '{task.name}', {record[0]} line {record[1]}: the record has no field {exc} used by doc_to_target") from exc
+        if taken.get(target, 0) < count:
+            taken[target] = taken.get(target, 0) + 1
+            kept.append(record)
+    return kept
+
+
+def use_local_copy(raw: dict, data_dir: str) -> dict:
+    """A hub task read from ``<data_dir>/<task name>/{train,test}.jsonl`` instead: the same records, offline."""
+    folder = Path(data_dir) / raw["name"]
+    files = {split: str(folder / f"{split}.jsonl") for split in ("train", "test")}
+    kwargs = {k: v for k, v in (raw.get("dataset_kwargs") or {}).items() if k != "data_files"}
+    return {**raw, "dataset_path": "json", "dataset_name": None, "training_split": "train", "test_split": "test",
+            "dataset_kwargs": {**kwargs, "data_files": files}}
 
 
 def _load_edit_task(task: Task) -> Task:
@@ -343,11 +378,11 @@ def _split_one_file(task: Task) -> tuple[list, list]:
 def load_task_sequence(cfg: dict) -> tuple[list[Task], Task | None]:
     """The ordered tasks of ``cfg["tasks"]`` plus the optional general-ability probe task."""
     task_dirs = list(cfg.get("task_dirs") or ["builtin"])
-    sizes = {"train_size": cfg.get("train_size"), "eval_size": cfg.get("eval_size")}
+    sizes = {key: cfg.get(key) for key in ("train_size", "eval_size", "train_per_class", "eval_per_class")}
     specs = list(cfg.get("tasks") or [])
     if not specs:
         raise UserError("task_sequence.tasks is empty: list at least one task")
-    tasks = [batch for spec in specs for batch in edit_batches(load_task(spec, task_dirs, sizes))]
+    tasks = [batch for spec in specs for batch in edit_batches(load_task(spec, task_dirs, sizes, cfg.get("data_dir")))]
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise UserError(f"task_sequence has duplicate task names {names}: give each task a distinct name")
