@@ -238,3 +238,18 @@ def test_a_run_on_a_benchmark_sequence_fills_its_matrix(tmp_path):
     results = run(cfg, tmp_path)
     assert results["tasks"] == ["amazon", "ag_news"]
     assert len(results["acc_matrix"]) == 3 and all(len(row) == 2 and all(0 <= v <= 1 for v in row) for row in results["acc_matrix"])
+
+
+@pytest.mark.parametrize("order", [4, 5, 6])
+def test_long_sequence_orders_load_all_fifteen_tasks(order):
+    from cl_runner.config import compose_config
+    from cl_runner.tasks.spec import load_task_sequence
+
+    cfg = compose_config([f"task_sequence=long_order{order}", f"task_sequence.data_dir={FIXTURES / 'standard_cl'}", "task_sequence.train_per_class=1"])
+    tasks, _ = load_task_sequence(OmegaConf.to_container(cfg.task_sequence, resolve=True))
+    first = {4: "mnli", 5: "multirc", 6: "yelp"}[order]
+    assert len(tasks) == 15 and len({t.name for t in tasks}) == 15 and tasks[0].name == first
+    by_name = {t.name: t for t in tasks}
+    assert [e.target for e in by_name["mnli"].train] == ["entailment", "neutral", "contradiction"]
+    assert [e.target for e in by_name["copa"].test[:2]] == ["It broke.", "It floated."]  # the chosen alternative's text
+    assert by_name["rte"].test[1].target == "not_entailment" and by_name["boolq"].train[1].target == "True"
