@@ -190,3 +190,33 @@ def test_generate_reads_answers_decoded_ahead(monkeypatch):
     assert together == alone
     with pytest.raises(pytest.fail.Exception):  # outside the block the model decodes again
         generate(model, formatter, short, 4, 8, "cpu")
+
+
+@pytest.mark.parametrize("method", ["none", "prompt_tuning"])
+def test_a_shared_prompt_start_runs_once_and_decoding_is_unchanged(method):
+    """greedy_cached with the prompts' common start as ``prefix`` gives the tokens of decoding the whole prompts."""
+    import peft
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cl_runner.evaluation.generation import _common_prefix, _greedy_without_generate, _left_padded, greedy_cached
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, tie_word_embeddings=False, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    if method != "none":
+        model = peft.get_peft_model(model, VIRTUAL_TOKEN_CONFIGS[method](peft)).eval()
+        with torch.no_grad():
+            for p in model.prompt_encoder.parameters():
+                p.copy_(torch.randn(p.shape) * 2)
+    start = torch.randint(3, 96, (6,)).tolist()
+    prompts = [start + torch.randint(3, 96, (n,)).tolist() for n in (1, 4, 3)]
+    shared = _common_prefix(prompts)
+    assert shared == 6
+    ids, mask = _left_padded([p[shared:] for p in prompts], 0)
+    with torch.no_grad():
+        batched = greedy_cached(model, ids, mask, [7, 7, 7], [5], prefix=prompts[0][:shared])
+        expected = [_greedy_without_generate(model, p, 7, [5], "cpu") for p in prompts]
+    assert [until_stop_token(row, [5]) for row in batched] == expected

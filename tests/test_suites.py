@@ -61,7 +61,7 @@ def test_a_row_decodes_the_probe_and_every_suite_together(tmp_path, monkeypatch)
 
     batches = []
     decode = generation.greedy_cached
-    monkeypatch.setattr(generation, "greedy_cached", lambda model, ids, mask, budgets, stops: batches.append(list(budgets)) or decode(model, ids, mask, budgets, stops))
+    monkeypatch.setattr(generation, "greedy_cached", lambda model, ids, mask, budgets, *rest: batches.append(list(budgets)) or decode(model, ids, mask, budgets, *rest))
     monkeypatch.setattr(transformers.GenerationMixin, "generate", lambda *a, **k: pytest.fail("a suite or the probe decoded on its own"))
     results = run(compose_config(SMOKE), tmp_path)
     assert len(results["abilities"]) == 6 and results["general"][0] is not None

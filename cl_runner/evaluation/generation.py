@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from cl_runner.forward import base_model, cache_argument, forward_selected, virtual_prefix_cache, virtual_prefix_kind
-from cl_runner.layout import takes_custom_layouts
+from cl_runner.layout import supports_shared_prefix, takes_custom_layouts
 from cl_runner.formatting import PromptFormatter
 from cl_runner.tasks import Example
 
@@ -84,22 +84,32 @@ def generate(model, formatter: PromptFormatter, examples: Sequence[Example], max
     return outputs
 
 
-def greedy_cached(model, ids: torch.Tensor, mask: torch.Tensor, budgets: Sequence[int], stop_ids: Sequence[int]) -> list[list[int]]:
+def greedy_cached(model, ids: torch.Tensor, mask: torch.Tensor, budgets: Sequence[int], stop_ids: Sequence[int],
+                  prefix: Sequence[int] = ()) -> list[list[int]]:
     """Batched greedy decoding with a KV cache: row ``r``'s new tokens, up to its first stop token or ``budgets[r]`` of them.
 
     Rows with different budgets share a batch (the fixed cost of a decoding step is paid once
     for all), which transformers' generate() cannot do; a row that is done leaves the batch and
     its cache, so it costs nothing after. PEFT prompt, P- and prefix tuning run their virtual
     tokens once as a cache first (``virtual_prefix_cache``): generate() passes its own cache
-    and would drop a PEFT prefix.
+    and would drop a PEFT prefix. ``prefix``: tokens every row starts with (the chat template
+    and system prompt), run once for all rows; ``ids`` then hold the rest of each prompt.
     """
     cache_name = cache_argument(model)
     if virtual_prefix_kind(model) is not None:
         cache, length = virtual_prefix_cache(model)
-        cache.batch_repeat_interleave(ids.shape[0])
         model = base_model(model)
     else:
         cache, length = DynamicCache(config=base_model(model).config), 0
+    if len(prefix):
+        shared = torch.tensor([list(prefix)], device=ids.device)
+        positions = torch.arange(length, length + shared.shape[1], device=ids.device)[None]
+        nothing = torch.zeros(0, dtype=torch.long, device=ids.device)  # no logits are read from the prefix
+        forward_selected(model, shared, nothing, nothing, attention_mask=torch.ones((1, length + shared.shape[1]), dtype=mask.dtype, device=ids.device),
+                         position_ids=positions, use_cache=True, **{cache_name: cache})
+        length += shared.shape[1]
+    if length:
+        cache.batch_repeat_interleave(ids.shape[0])
     mask = torch.cat([torch.ones((ids.shape[0], length), dtype=mask.dtype, device=mask.device), mask], dim=1)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, length:]
     stops = torch.tensor(list(stop_ids), device=ids.device)
@@ -153,10 +163,21 @@ def decode_ahead(model, formatter: PromptFormatter, requests: Sequence[tuple[Exa
     with torch.no_grad():
         for start in range(0, len(encoded), batch_size):
             batch = encoded[start : start + batch_size]
-            ids, mask = _left_padded([p for p, _ in batch], formatter.tokenizer.pad_token_id)
-            generated = greedy_cached(model, ids.to(device), mask.to(device), [n for _, n in batch], stop_ids)
+            # The tokens every prompt of the batch starts with (template, system prompt) run once.
+            shared = _common_prefix([p for p, _ in batch]) if supports_shared_prefix(model, max(len(p) + n for p, n in batch)) else 0
+            ids, mask = _left_padded([p[shared:] for p, _ in batch], formatter.tokenizer.pad_token_id)
+            generated = greedy_cached(model, ids.to(device), mask.to(device), [n for _, n in batch], stop_ids, batch[0][0][:shared])
             replies.update(zip(batch, generated))
     return replies
+
+
+def _common_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all prompts share, leaving each at least one of its own (which predicts its first answer token)."""
+    shared = 0
+    limit = min(len(p) for p in prompts) - 1
+    while shared < limit and all(p[shared] == prompts[0][shared] for p in prompts):
+        shared += 1
+    return shared if len(prompts) > 1 else 0
 
 
 @contextlib.contextmanager
