@@ -114,25 +114,34 @@ VIRTUAL_TOKEN_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("method", list(VIRTUAL_TOKEN_CONFIGS))
-def test_cached_decoding_after_virtual_tokens_equals_full_forward_passes(method):
-    """Prompt, P- and prefix tuning decode in left-padded batches with a KV cache after their virtual tokens,
-    token for token as greedy decoding through PEFT's own forward (full passes, one prompt at a time)."""
+def sharp_random_llama(virtual_tokens: str | None = None):
+    """A random 2-layer LLaMA (seeded), with PEFT virtual tokens if named. A random model is
+    near-uniform: sharp logits let every input change the argmax."""
     import peft
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from cl_runner.evaluation.generation import _greedy_without_generate, _left_padded, greedy_cached
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=1, tie_word_embeddings=False, pad_token_id=0)
-    base = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
-        base.lm_head.weight.mul_(30)  # a random model is near-uniform: sharp logits let every input change the argmax
-    tuned = peft.get_peft_model(base, VIRTUAL_TOKEN_CONFIGS[method](peft)).eval()
+        model.lm_head.weight.mul_(30)
+    if virtual_tokens is None:
+        return model
+    tuned = peft.get_peft_model(model, VIRTUAL_TOKEN_CONFIGS[virtual_tokens](peft)).eval()
     with torch.no_grad():
         for p in tuned.prompt_encoder.parameters():
             p.copy_(torch.randn(p.shape) * 2)
+    return tuned
+
+
+@pytest.mark.parametrize("method", list(VIRTUAL_TOKEN_CONFIGS))
+def test_cached_decoding_after_virtual_tokens_equals_full_forward_passes(method):
+    """Prompt, P- and prefix tuning decode in left-padded batches with a KV cache after their virtual tokens,
+    token for token as greedy decoding through PEFT's own forward (full passes, one prompt at a time)."""
+    from cl_runner.evaluation.generation import _greedy_without_generate, _left_padded, greedy_cached
+
+    tuned = sharp_random_llama(method)
     prompts = [torch.randint(3, 96, (n,)).tolist() for n in (4, 9, 7)]
     stops = [5, 7]
     ids, mask = _left_padded(prompts, 0)
@@ -148,16 +157,9 @@ def test_cached_decoding_after_virtual_tokens_equals_full_forward_passes(method)
 
 def test_rows_with_different_budgets_decode_in_one_batch_as_they_would_alone():
     """greedy_cached: each row stops at its own budget or stop token, token for token as full forward passes."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from cl_runner.evaluation.generation import _greedy_without_generate, _left_padded, greedy_cached
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, tie_word_embeddings=False, pad_token_id=0)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30)
+    model = sharp_random_llama()
     prompts = [torch.randint(3, 96, (n,)).tolist() for n in (4, 9, 7, 5)]
     budgets, stops = [2, 9, 5, 0], [5, 7]
     ids, mask = _left_padded(prompts, 0)
@@ -195,22 +197,9 @@ def test_generate_reads_answers_decoded_ahead(monkeypatch):
 @pytest.mark.parametrize("method", ["none", "prompt_tuning"])
 def test_a_shared_prompt_start_runs_once_and_decoding_is_unchanged(method):
     """greedy_cached with the prompts' common start as ``prefix`` gives the tokens of decoding the whole prompts."""
-    import peft
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from cl_runner.evaluation.generation import _common_prefix, _greedy_without_generate, _left_padded, greedy_cached
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, tie_word_embeddings=False, pad_token_id=0)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30)
-    if method != "none":
-        model = peft.get_peft_model(model, VIRTUAL_TOKEN_CONFIGS[method](peft)).eval()
-        with torch.no_grad():
-            for p in model.prompt_encoder.parameters():
-                p.copy_(torch.randn(p.shape) * 2)
+    model = sharp_random_llama(None if method == "none" else method)
     start = torch.randint(3, 96, (6,)).tolist()
     prompts = [start + torch.randint(3, 96, (n,)).tolist() for n in (1, 4, 3)]
     shared = _common_prefix(prompts)
