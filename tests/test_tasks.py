@@ -228,18 +228,6 @@ def test_a_benchmark_sequence_without_its_local_copy_says_where_it_looked(tmp_pa
         load_task_sequence(OmegaConf.to_container(cfg.task_sequence, resolve=True))
 
 
-def test_a_run_on_a_benchmark_sequence_fills_its_matrix(tmp_path):
-    from cl_runner.config import compose_config
-    from cl_runner.runner import run
-    from conftest import SMOKE
-
-    cfg = compose_config([*SMOKE, "task_sequence=standard_cl_order1", f"task_sequence.data_dir={FIXTURES / 'standard_cl'}", "task_sequence.tasks=[amazon,ag_news]",
-                          "task_sequence.train_per_class=1", "task_sequence.eval_per_class=1", "task_sequence.general_probe=null", "~eval.suites", "trainer.max_steps=1"])
-    results = run(cfg, tmp_path)
-    assert results["tasks"] == ["amazon", "ag_news"]
-    assert len(results["acc_matrix"]) == 3 and all(len(row) == 2 and all(0 <= v <= 1 for v in row) for row in results["acc_matrix"])
-
-
 @pytest.mark.parametrize("order", [4, 5, 6])
 def test_long_sequence_orders_load_all_fifteen_tasks(order):
     from cl_runner.config import compose_config
