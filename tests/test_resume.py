@@ -52,8 +52,9 @@ def start(args, cwd) -> subprocess.Popen:
 
 
 # ia3 and p_tuning resume through the same class, mode and checkpoint code as seq_lora and
-# prompt_tuning (PeftAdapter, one adapter through the sequence): covered by those.
-SAME_PATH_AS_ANOTHER = {"ia3", "p_tuning"}
+# prompt_tuning (PeftAdapter, one adapter through the sequence), lora_merge as per_task_lora
+# (an adapter per task): covered by those.
+SAME_PATH_AS_ANOTHER = {"ia3", "p_tuning", "lora_merge"}
 
 
 @pytest.mark.parametrize("method", [m for m in options("method") if m not in SAME_PATH_AS_ANOTHER])
