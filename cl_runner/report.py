@@ -101,21 +101,17 @@ EDIT_COLUMNS = (
     Column("fluency Δ", _fluency_delta, ".2f"),
     Column("s per task", _resource("seconds_per_task"), ".0f"),
 )
-def _ability_change(suite: str, score: str) -> Callable[[dict], float | None]:
-    """The suite score's change from the base model (row 0) to the last row."""
+def _ability_last(suite: str, score: str, series: str = "abilities") -> Callable[[dict], float | None]:
+    """The suite score's last row; with ``series="abilities_delta"``, its change from the base model (row 0)."""
     def value(results: dict) -> float | None:
-        changes = ((results.get("abilities_delta") or {}).get(suite) or {}).get(score) or []
-        return changes[-1] if changes else None
-
-    return value
-
-
-def _ability_last(suite: str, score: str) -> Callable[[dict], float | None]:
-    def value(results: dict) -> float | None:
-        values = ((results.get("abilities") or {}).get(suite) or {}).get(score) or []
+        values = ((results.get(series) or {}).get(suite) or {}).get(score) or []
         return values[-1] if values else None
 
     return value
+
+
+def _ability_change(suite: str, score: str) -> Callable[[dict], float | None]:
+    return _ability_last(suite, score, "abilities_delta")
 
 
 ABILITY_COLUMNS = (

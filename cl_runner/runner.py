@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
+from tqdm.auto import tqdm
 
 from cl_runner.config import build
 from cl_runner.distributed import World, current_world
@@ -193,12 +193,7 @@ class Experiment:
         # EasyEdit's locality compares with the unedited model's tokens: taken now, before a resumed run loads its checkpoints.
         base = lambda index: self.method.eval_members(self.model, 0, index)[0]  # noqa: E731
         attach_locality_references(self.model, tokenizer, self.tasks, base, self.cfg.eval.batch_size)
-        base_members = self.method.eval_members(self.model, 0, 0)
-        # The base model's answers that the suites record are decoded together, and kept for row 0, which asks again.
-        self.base_answers = self._decode_together(base_members, generation_requests(self.suites.values(), at_setup=True))
-        with use_decoded(self.base_answers):
-            for suite in self.suites.values():  # also before the checkpoints load: what the base model does
-                setup_suite(suite, self.model, self.formatter, base_members, self.device, self.decode_batch)
+        self.base_answers = self._setup_suites()  # also before the checkpoints load: what the base model does
         self.replay.setup(self._encode, self.replay_tasks)
         self.events = EventLog(self.run_dir / "train_log.jsonl", self.logger, writer=self.world.is_main)
         self.loop = TrainingLoop(self.cfg.trainer, self.device, tokenizer.pad_token_id, world=self.world)
@@ -229,7 +224,7 @@ class Experiment:
                                                 self.decode_batch)[self.probe.metric])
         if self.fluency_prompts:
             extras.append(lambda: generation_fluency(self.model, self.raw_formatter, self.fluency_prompts, self.fluency_tokens, self.decode_batch, self.device, deployed()))
-        suites = {name: suite for name, suite in self.suites.items() if scores_row(suite, tasks_learnt, len(self.tasks) + 1)}
+        suites = self._suites_at(tasks_learnt)
         for suite in suites.values():
             extras.append(lambda suite=suite: score_suite(suite, self.model, self.formatter, deployed(), self.device, self.decode_batch))
         with use_decoded(self._decoded_ahead(deployed(), tasks_learnt, suites.values())):
@@ -241,6 +236,19 @@ class Experiment:
         row = Row(scores, task_scores, general, time.perf_counter() - started, report, fluency, abilities)
         self.events.evaluation(tasks_learnt, self.task_names, row)
         return row
+
+    def _setup_suites(self) -> dict:
+        """Each suite's setup on the base model; returns the base answers it decoded (row 0 asks for them again)."""
+        base_members = self.method.eval_members(self.model, 0, 0)
+        base_answers = self._decode_together(base_members, generation_requests(self.suites.values(), at_setup=True))
+        with use_decoded(base_answers):
+            for suite in self.suites.values():
+                setup_suite(suite, self.model, self.formatter, base_members, self.device, self.decode_batch)
+        return base_answers
+
+    def _suites_at(self, row: int) -> dict:
+        """The suites scored on ``row`` (most score every row)."""
+        return {name: suite for name, suite in self.suites.items() if scores_row(suite, row, len(self.tasks) + 1)}
 
     def _decoded_ahead(self, members, tasks_learnt: int, suites) -> dict:
         """The probe's and the suites' greedy answers for a row, decoded together in shared batches."""
@@ -356,19 +364,15 @@ class Experiment:
             self.method = build(self.cfg.method, "method")
             self._build_model()
             if row == 0:
-                base_members = self.method.eval_members(self.model, 0, 0)
-                with use_decoded(self._decode_together(base_members, generation_requests(self.suites.values(), at_setup=True))):
-                    for suite in self.suites.values():
-                        setup_suite(suite, self.model, self.formatter, base_members, self.device, self.decode_batch)
+                self._setup_suites()
             else:
                 self.method.load_checkpoint(self.model, self.state.completed_checkpoints()[:row])
             members = self.method.eval_members(self.model, row, max(0, row - 1))
-            suites = {name: suite for name, suite in self.suites.items() if scores_row(suite, row, len(self.tasks) + 1)}
+            suites = self._suites_at(row)
             with use_decoded(self._decode_together(members, generation_requests(suites.values()))):
-                abilities.append({name: score_suite(suite, self.model, self.formatter, members, self.device, self.decode_batch)
-                                  for name, suite in suites.items()} or None)
-            log.info("re-scored row %d/%d: %s", row, rows - 1, {name: scores.get(suite.headline) for name, suite in suites.items()
-                                                                 for scores in [abilities[-1][name]] if suite.headline})
+                scores = {name: score_suite(suite, self.model, self.formatter, members, self.device, self.decode_batch) for name, suite in suites.items()}
+            abilities.append(scores or None)
+            log.info("re-scored row %d/%d: %s", row, rows - 1, {name: scores[name].get(suite.headline) for name, suite in suites.items() if suite.headline})
         self.state.abilities = abilities
         self.state.settings = result_settings(self.config)
         self.state.save()
