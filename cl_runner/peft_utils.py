@@ -67,3 +67,13 @@ def load_adapter(model, path: Path, adapter_name: str = "default") -> None:
 def lora_layers(model) -> dict[str, torch.nn.Module]:
     """The modules PEFT wrapped with LoRA, by name."""
     return {name: module for name, module in model.named_modules() if hasattr(module, "lora_A") and hasattr(module, "get_base_layer")}
+
+
+def sum_adapters(model, names: list[str]) -> None:
+    """Every named LoRA adapter takes part in the forward pass (their deltas add up), all frozen.
+
+    PEFT's ``set_adapter`` with a list makes every named adapter trainable; the caller then
+    unfreezes what it trains.
+    """
+    model.base_model.set_adapter(names)
+    model.requires_grad_(False)

@@ -286,11 +286,13 @@ class Experiment:
         task.input_batches = lambda prompts_only=False: input_batches(examples, self.cfg.eval.batch_size, self.device, prompts_only)
         trained: dict = {}
 
-        def train() -> dict:
+        def train(task_indices: list[int] | None = None) -> dict:
+            """The shared loop on this task's examples, or on those of ``task_indices`` together (joint training)."""
+            data = examples if task_indices is None else [e for i in task_indices for e in self._encode(self.tasks[i])]
             self.loop.on_step = lambda record: self.events.step(task.name, record)
             params = list(self.method.trainable_parameters(self.model))
             trained["trainable_parameters"] = parameter_count(params)
-            return self.loop.train(self.model, params, examples, self.method, self.replay, seed=self.task_seed(t), task_name=task.name, checkpoint=self.mid_task(t))
+            return self.loop.train(self.model, params, data, self.method, self.replay, seed=self.task_seed(t), task_name=task.name, checkpoint=self.mid_task(t))
 
         # A method that learns without the training loop (an editor) logs its own steps with this.
         train.log_step = lambda record: self.events.step(task.name, record)
@@ -299,6 +301,7 @@ class Experiment:
             self.method.before_task(self.model, t, task)
             stats = self.method.learn(self.model, t, task, train)
             self.method.after_task(self.model, t, task)
+            self.method.consolidate(self.model, t, examples, self.loop.probe(self.model, list(self.method.trainable_parameters(self.model))))
         stats = {**stats, **trained, "peak_memory_bytes": peak.bytes, "peak_memory_kind": peak.kind}
         self.replay.add_task(t, examples)
         return stats

@@ -111,14 +111,20 @@ def check_trains_exactly_its_parameters(method_cfg, tiny_model_and_tokenizer, tm
     assert changed == trainable, f"changed but frozen: {sorted(changed - trainable)[:3]}; trainable but unchanged: {sorted(trainable - changed)[:3]}"
 
     built.after_task(model, 0, task)
+    built.consolidate(model, 0, examples, loop.probe(model, list(built.trainable_parameters(model))))
     built.save_checkpoint(model, tmp_path, 0)
     fresh = build(method_cfg, "method")
     restored = fresh.setup(copy.deepcopy(base))
     fresh.load_checkpoint(restored, [tmp_path])
-    for state in ("bases", "prototypes"):  # InfLoRA's input-space bases, CoLoR's prototypes
+    # InfLoRA's input-space bases, CoLoR's prototypes, EWC's Fisher and anchor, GEM's episodic memory
+    for state in ("bases", "prototypes", "fisher", "anchor", "memories"):
         if hasattr(built, state):
             saved, loaded = getattr(built, state), getattr(fresh, state)
-            assert (saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)) if isinstance(saved, dict) else torch.equal(saved, loaded)
+            assert saved, f"{state} is empty after the first task"
+            if isinstance(saved, dict):
+                assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved), state
+            else:
+                assert torch.equal(saved, loaded) if isinstance(saved, torch.Tensor) else saved == loaded, state
     with torch.no_grad():  # the restored model computes what the trained one computes (up to rounding: OSF stores merged weights)
         ids = torch.tensor([examples[0].input_ids])
         torch.testing.assert_close(restored.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits, atol=1e-5, rtol=1e-5)

@@ -3,9 +3,11 @@
 A method overrides only what differs from plain sequential fine-tuning of whatever
 parameters are trainable: how the model is wrapped (``setup``), what happens around a task
 (``before_task`` sees the task's data, ``after_task``), extra loss terms that may read model
-internals (``extra_loss``), which weights answer each task at evaluation (``eval_context``)
-and what it must save to resume (``save_checkpoint`` / ``load_checkpoint``). ``learn`` is
-where a method that does not train by gradient (a closed-form weight edit) would step in.
+internals (``extra_loss``), what it keeps of a finished task (``consolidate``: a Fisher, an
+episodic memory), how it changes a step's gradient (``adjust_gradients``), which weights
+answer each task at evaluation (``eval_context``) and what it must save to resume
+(``save_checkpoint`` / ``load_checkpoint``). ``learn`` is where a method that does not train
+by gradient (a closed-form weight edit) would step in.
 """
 
 from __future__ import annotations
@@ -37,14 +39,17 @@ class ContinualMethod:
         return [p for p in model.parameters() if p.requires_grad]
 
     def learn(self, model: torch.nn.Module, task_index: int, task: Task, train: Callable[[], dict]) -> dict:
-        """Learn one task. The default runs the shared training loop (``train()``) and returns its stats."""
+        """Learn one task. The default runs the shared training loop (``train()``) and returns its stats.
+
+        ``train(task_indices)`` trains on those tasks' examples together instead (joint training)."""
         return train()
 
     def extra_loss(self, model: torch.nn.Module, batch: dict, outputs) -> torch.Tensor | None:
         """A term added to the loss of every optimizer step (None: nothing); computed per micro-batch.
 
         ``outputs.loss`` is the micro-batch's mean answer-token cross-entropy (what
-        ``model(**batch).loss`` would be), ``outputs.token_losses`` each answer token's, and
+        ``model(**batch).loss`` would be), ``outputs.token_losses`` each answer token's,
+        ``outputs.logits`` the logits each answer token was read from, and
         ``outputs.last_hidden_state`` the decoder's output aligned with ``batch["input_ids"]``.
         In the packed layouts (``trainer.batch_layout``) a row holds several examples, and with
         a shared prefix only what follows the prefix: answer token n is read at
@@ -53,8 +58,28 @@ class ContinualMethod:
         """
         return None
 
+    def step_report(self) -> dict | None:
+        """Scalars added to each optimizer step's record in train_log.jsonl and W&B (e.g. the
+        terms of ``extra_loss`` apart, so a user sees their scale); None: nothing."""
+        return None
+
+    def adjust_gradients(self, model: torch.nn.Module, parameters: list[torch.nn.Parameter], gradients, step: int) -> None:
+        """Called once per optimizer step, after the step's backward passes and before clipping
+        and the optimizer step: ``p.grad`` of each of ``parameters`` (what the optimizer steps,
+        fp32) holds the step's gradient, which the method may change in place (GEM's
+        projection). ``gradients.of(examples)`` is the gradient of other examples' loss, aligned
+        with ``parameters`` (:class:`cl_runner.training.gradients.GradientProbe`); ``step``
+        counts the task's optimizer steps from 1 (seed anything random with it: a resumed task
+        repeats its steps)."""
+
     def after_task(self, model: torch.nn.Module, task_index: int, task: Task) -> None:
         """Called after training task ``task_index``, before it is evaluated and checkpointed."""
+
+    def consolidate(self, model: torch.nn.Module, task_index: int, examples: list, gradients) -> None:
+        """Called after ``after_task`` with the task's encoded training examples
+        (``TokenizedExample``) and a gradient probe over the trainable parameters: what a
+        method keeps of a task to protect it later (EWC's Fisher, GEM's episodic memory).
+        Whatever it keeps goes into ``save_checkpoint``."""
 
     def eval_context(self, model: torch.nn.Module, tasks_learnt: int, task_index: int):
         """A context manager under which task ``task_index`` is evaluated, ``tasks_learnt`` tasks in."""

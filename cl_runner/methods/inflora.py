@@ -26,7 +26,7 @@ from peft import LoraConfig, get_peft_model
 
 from cl_runner.errors import UserError
 from cl_runner.methods.base import ContinualMethod
-from cl_runner.peft_utils import load_adapter, lora_layers, save_adapter
+from cl_runner.peft_utils import load_adapter, lora_layers, save_adapter, sum_adapters
 
 BASIS_FILE = "inflora_basis.safetensors"
 
@@ -113,8 +113,7 @@ class InfLoRA(ContinualMethod):
 
     def _activate_all(self, model, last: int) -> None:
         """Every branch up to ``last`` takes part in the forward pass (summed); only B_last trains."""
-        model.base_model.set_adapter([adapter_name(t) for t in range(last + 1)])
-        model.requires_grad_(False)
+        sum_adapters(model, [adapter_name(t) for t in range(last + 1)])
         for layer in lora_layers(model).values():
             layer.lora_B[adapter_name(last)].weight.requires_grad_(True)
 

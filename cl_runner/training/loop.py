@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from cl_runner.errors import UserError
 from cl_runner.formatting import TokenizedExample
 from cl_runner.training.batching import BATCH_LAYOUTS, length_grouped_batches, training_batch
+from cl_runner.training.gradients import GradientProbe
 from cl_runner.training.loss import answer_token_loss, weighted_objective
 from cl_runner.distributed import World, sum_gradients, sum_over_ranks
 from cl_runner.training.mid_task import MidTaskCheckpoint
@@ -99,6 +100,11 @@ class TrainingLoop:
             batches.extend([examples[i] for i in idx] for idx in index_batches)
         return batches
 
+    def probe(self, model, parameters) -> GradientProbe:
+        """Gradients of other examples' loss with respect to ``parameters``, batched and cast as training is."""
+        return GradientProbe(model, parameters, self.pad_token_id, self.device, self.cfg.precision, self.cfg.batch_size,
+                             self.cfg.get("batch_layout", "padded"), self.cfg.get("row_tokens", 1024))
+
     def micro_step(self, model, method, current, replayed, weights: tuple[float, float], micro_batches_in_step: int, scaler, ranks_sharing: int = 1) -> float:
         """Forward and backward of one micro-batch; returns its contribution to the step's loss.
 
@@ -156,6 +162,7 @@ class TrainingLoop:
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(int(cfg.warmup_ratio * len(steps)), len(steps)))
         scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16" or masters.has_fp16)
         replay_share = float(getattr(replay, "ratio", 0.0))
+        probe = self.probe(model, [model_param for model_param, _ in masters.pairs])  # gradients come back in fp32, as the masters'
         model.train()
         tokens, started, record, done = 0, time.perf_counter(), {}, 0
         saved = checkpoint.load() if checkpoint is not None else None
@@ -172,6 +179,7 @@ class TrainingLoop:
             step_loss = self.accumulate(model, method, mixed, replay_share, scaler, masters)
             tokens += sum(len(e.input_ids) for current, replayed in mixed for e in (*current, *replayed))
             scaler.unscale_(optimizer)
+            method.adjust_gradients(model, masters.parameters, probe, step_index)
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(masters.parameters, cfg.max_grad_norm)
             scaler.step(optimizer)
@@ -181,6 +189,7 @@ class TrainingLoop:
             lr = schedule.get_last_lr()[0]
             schedule.step()
             record = {"step": step_index, "loss": step_loss, "lr": lr, "tokens": tokens, "tokens_per_s": tokens / (time.perf_counter() - started)}
+            record.update(method.step_report() or {})
             if scaler.is_enabled():
                 record["loss_scale"] = scaler.get_scale()  # falls when fp16 gradients overflow (those steps are skipped)
             progress.update(1)

@@ -19,7 +19,8 @@ class LossOutput:
 
     ``loss`` is the number ``model(**batch).loss`` would give (mean answer-token cross-entropy,
     plus the model's own auxiliary loss, e.g. an MoE router's); ``token_losses`` the
-    cross-entropy of each answer token, in the order of ``batch["targets"]``;
+    cross-entropy of each answer token, in the order of ``batch["targets"]``, and ``logits`` the
+    logits it was computed from (fp32);
     ``last_hidden_state`` the decoder's output aligned with ``input_ids`` (in a packed batch,
     rows hold several examples; with a shared prefix, rows hold only what follows it: read
     it through ``read_rows``/``read_cols``).
@@ -27,6 +28,7 @@ class LossOutput:
 
     loss: torch.Tensor
     token_losses: torch.Tensor
+    logits: torch.Tensor
     aux_loss: torch.Tensor | None
     last_hidden_state: torch.Tensor | None
 
@@ -60,10 +62,11 @@ def answer_token_loss(model, batch: dict[str, torch.Tensor]) -> LossOutput:
     rows, cols, targets = read_spec(batch)
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     selected = forward_selected(model, batch["input_ids"], rows, cols, **inputs)
-    token_losses = F.cross_entropy(selected.logits.float(), targets, reduction="none")
+    logits = selected.logits.float()
+    token_losses = F.cross_entropy(logits, targets, reduction="none")
     aux = model_aux_loss(model, selected.outputs)
     loss = token_losses.mean() if aux is None else token_losses.mean() + aux
-    return LossOutput(loss, token_losses, aux, selected.hidden)
+    return LossOutput(loss, token_losses, logits, aux, selected.hidden)
 
 
 def weighted_objective(outputs: LossOutput, batch: dict[str, torch.Tensor]) -> torch.Tensor:
