@@ -9,7 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from cl_runner.config import compose_config  # noqa: F401 - the tests' way to build a config
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each pytest-xdist worker gets one core: two workers on two cores instead of four threads fighting over them.
+    # Set before any test, so the CLI subprocesses the tests start inherit it too.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["trainer.progress_bar=false", "eval.progress_bar=false"]

@@ -1,6 +1,7 @@
 """The cl-runner CLI with a hook at one logged training step: a process stopped at a known point, not at a time.
 
     CL_RUNNER_TEST_AT=<task>:<step>   the step (as logged in train_log.jsonl) where the hook fires
+    CL_RUNNER_TEST_AT=<task>:eval     or the logging of the row scored after <task> (before it is committed)
     CL_RUNNER_TEST_DO=kill            SIGKILL this process right after that step is logged
     CL_RUNNER_TEST_DO=pause:<marker>:<release>
                                       write <marker>, then wait until <release> exists
@@ -22,10 +23,22 @@ ACTION = os.environ["CL_RUNNER_TEST_DO"]
 logged_step = runner.EventLog.step
 
 
+logged_evaluation = runner.EventLog.evaluation
+
+
+def hooked_evaluation(self, tasks_learnt, task_names, row):
+    logged_evaluation(self, tasks_learnt, task_names, row)
+    if STEP == "eval" and tasks_learnt and task_names[tasks_learnt - 1] == TASK:
+        act()
+
+
 def hooked_step(self, task_name, record):
     logged_step(self, task_name, record)
-    if task_name != TASK or record["step"] != int(STEP):
-        return
+    if task_name == TASK and STEP != "eval" and record["step"] == int(STEP):
+        act()
+
+
+def act():
     if ACTION == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     _, marker, release = ACTION.split(":", 2)
@@ -38,5 +51,6 @@ def hooked_step(self, task_name, record):
 
 
 runner.EventLog.step = hooked_step
+runner.EventLog.evaluation = hooked_evaluation
 sys.argv[0] = "cl-runner"
 main()

@@ -263,3 +263,41 @@ def test_task_replay_mixes_earlier_tasks_only(tiny_model_and_tokenizer):
     drawn = replay.sample(8, random.Random(0))
     assert len(drawn) == 2 and all(e in first for e in drawn)  # round(8 * 0.2 / 0.8) = 2
     assert len(replay.pool) == 5
+
+
+def test_moe_lora_layer_is_the_base_plus_the_gated_sum_of_its_experts():
+    from cl_runner.methods.moe_lora import MixtureOfLoRALinear
+
+    torch.manual_seed(0)
+    layer = MixtureOfLoRALinear(torch.nn.Linear(6, 5), r=2, alpha=4, dropout=0.0)
+    for _ in range(3):
+        layer.add_expert()
+    with torch.no_grad():
+        for p in [*layer.lora_B, *layer.router]:
+            p.normal_()
+    x = torch.randn(2, 7, 6)
+    logits = torch.stack([x @ w for w in layer.router], dim=-1)
+    gates = torch.exp(logits) / torch.exp(logits).sum(-1, keepdim=True)
+    expected = layer.base(x) + 2.0 * sum(gates[..., e : e + 1] * (x @ layer.lora_A[e].T @ layer.lora_B[e].T) for e in range(3))
+    torch.testing.assert_close(layer(x), expected)
+    layer.experts_on = False
+    assert torch.equal(layer(x), layer.base(x))
+
+
+def test_moe_lora_adds_a_frozen_expert_per_task_trains_the_router_and_reports_its_choice(tmp_path):
+    from safetensors.torch import load_file
+
+    from cl_runner.methods.moe_lora import mixture_layers
+
+    experiment = Experiment(compose_config([*TWO_TASKS, "method=moe_lora"]), tmp_path)
+    results = experiment.run()
+    first, second = (load_file(str(next((tmp_path / "checkpoints").glob(f"task_0{t}_*")) / "mixture_of_lora.safetensors")) for t in (1, 2))
+    layers = mixture_layers(experiment.model)
+    assert all(len(layer.lora_A) == 2 for layer in layers.values())
+    for name, layer in layers.items():
+        assert torch.equal(layer.lora_B[0], first[f"{name}.lora_B"]) and torch.equal(layer.lora_A[0], first[f"{name}.lora_A"])  # frozen after task 0
+        assert first[f"{name}.router"].shape[0] == 1 and second[f"{name}.router"].shape[0] == 2
+    assert any(second[f"{name}.router"].abs().sum() > 0 for name in layers)  # the router trained with the second task
+    choices = results["method_reports"][2]["router_choice"]
+    assert list(choices) == ["0", "1"] and choices["0"] == [1.0]
+    assert sum(choices["1"]) == pytest.approx(1.0, abs=1e-5) and len(choices["1"]) == 2

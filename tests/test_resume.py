@@ -35,8 +35,8 @@ def cli(run_dir, method):
 
 
 def kill_point(method):
-    if method == "multitask":  # it trains on every task's data with the first task, nothing after
-        return "second_word:4"
+    if method == "multitask":  # it trains on every task's data with the first task, nothing after: killed while the third row is scored
+        return "last_word:eval"
     return "cf_03:2" if method in EDIT_METHODS else "last_word:2"
 
 

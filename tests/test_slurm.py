@@ -14,6 +14,9 @@ import pytest
 
 from conftest import DATA_PARALLEL, QUIET, REPO, run_cli, train_log
 
+# One local cluster for all of these: under pytest-xdist one worker runs them (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("slurm")
+
 SCRIPT = REPO / "scripts" / "local_slurm.sh"
 
 
