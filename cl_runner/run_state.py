@@ -122,7 +122,8 @@ class RunState:
             saved.get("fluency", []), saved.get("abilities", [None] * len(saved["acc_matrix"])),
         )
         missing = [str(p) for p in state.completed_checkpoints() if not p.is_dir()]
-        if missing:
+        finished = state.tasks_completed == len(tasks) and (run_dir / "results.json").exists()
+        if missing and not finished:  # a finished run needs no checkpoint (users delete them to save disk) unless it is re-scored
             raise UserError(f"{path} lists checkpoints that are missing ({missing[0]}); delete the run directory to start over")
         return state
 

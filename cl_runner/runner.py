@@ -358,6 +358,9 @@ class Experiment:
         rows = len(self.state.acc_matrix)
         if not rows:
             raise UserError(f"{self.run_dir} has no evaluated row yet: nothing to re-score")
+        missing = [str(p) for p in self.state.completed_checkpoints()[: rows - 1] if not p.is_dir()]
+        if missing:
+            raise UserError(f"{self.run_dir}: re-scoring rebuilds each row from the task checkpoints, and {missing[0]} is gone")
         started = time.perf_counter()
         self.state.record_invocation(invocation_record(str(self.device), self.state.tasks_completed))
         self.logger = NullLogger()

@@ -54,3 +54,20 @@ def test_only_eval_settings_may_change_and_the_run_must_exist(tmp_path):
         rescore(tmp_path, ["eval=full"])
     with pytest.raises(UserError, match="'trainer.lr=0.1' is not an eval setting"):
         rescore(tmp_path, ["trainer.lr=0.1"])
+
+
+def test_a_finished_run_without_its_checkpoints_is_complete_but_cannot_be_rescored(tmp_path):
+    import shutil
+
+    overrides = [*SMOKE, *FEW_SUITES, "task_sequence.tasks=[second_word,last_word]"]
+    settings = compose_config(overrides)
+    first = run(settings, tmp_path)
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))  # what the CLI's snapshot holds
+    shutil.rmtree(tmp_path / "checkpoints")  # what a user does to save disk once a run is done
+    assert run(settings, tmp_path)["acc_matrix"] == first["acc_matrix"]  # complete: nothing to do, no error
+    with pytest.raises(UserError, match="re-scoring rebuilds each row from the task checkpoints, and .*task_01_second_word is gone"):
+        rescore(tmp_path, [])
+    (tmp_path / "results.json").unlink()  # unfinished: resuming would need the checkpoints
+    with pytest.raises(UserError, match="lists checkpoints that are missing"):
+        run(settings, tmp_path)
