@@ -228,7 +228,7 @@ def test_agem_draws_its_reference_from_every_task_memory_and_gem_uses_one_gradie
         assert probe.calls == expected
 
 
-def test_gradient_memory_keeps_a_seeded_sample_of_each_task(tiny_model_and_tokenizer):
+def test_gradient_memory_keeps_a_seeded_sample_of_each_task_and_restores_it(tiny_model_and_tokenizer, tmp_path):
     built, model = method_on_tiny("gem", tiny_model_and_tokenizer, "method.memory_per_task=3")
     tokenizer = tiny_model_and_tokenizer[1]
     _, first = task_with_inputs(tokenizer, "one")
@@ -240,6 +240,10 @@ def test_gradient_memory_keeps_a_seeded_sample_of_each_task(tiny_model_and_token
     again, _ = method_on_tiny("gem", tiny_model_and_tokenizer, "method.memory_per_task=3")
     again.consolidate(model, 0, first, None)
     assert again.memories[0] == built.memories[0]
+    built.save_checkpoint(model, tmp_path, 1)  # the memory of every task so far goes with the last task's checkpoint
+    restored, fresh_model = method_on_tiny("gem", tiny_model_and_tokenizer, "method.memory_per_task=3")
+    restored.load_checkpoint(fresh_model, [tmp_path, tmp_path])
+    assert restored.memories == built.memories
 
 
 def test_multitask_trains_once_on_every_task_so_later_rows_are_equal(tmp_path):
@@ -301,3 +305,14 @@ def test_moe_lora_adds_a_frozen_expert_per_task_trains_the_router_and_reports_it
     choices = results["method_reports"][2]["router_choice"]
     assert list(choices) == ["0", "1"] and choices["0"] == [1.0]
     assert sum(choices["1"]) == pytest.approx(1.0, abs=1e-5) and len(choices["1"]) == 2
+
+
+@pytest.mark.parametrize("method,logged", [("ewc", "ewc_penalty"), ("agem", "gradient_conflict")])
+def test_what_a_task_leaves_protects_the_next_one_in_a_real_run(method, logged, tmp_path):
+    """The runner consolidates each task (EWC's Fisher, A-GEM's memory) and the loop lets the method act on the next task's steps."""
+    Experiment(compose_config([*TWO_TASKS, f"method={method}"]), tmp_path).run()
+    assert not any(logged in s for s in steps_of(tmp_path, "second_word"))  # nothing to protect yet
+    values = [s[logged] for s in steps_of(tmp_path, "last_word")]
+    assert len(values) == 4
+    if method == "ewc":
+        assert values[0] == 0.0 and values[-1] > 0  # at the anchor when the task starts, then pulled away from it
