@@ -241,3 +241,21 @@ def test_long_sequence_orders_load_all_fifteen_tasks(order):
     assert [e.target for e in by_name["mnli"].train] == ["entailment", "neutral", "contradiction"]
     assert [e.target for e in by_name["copa"].test[:2]] == ["It broke.", "It floated."]  # the chosen alternative's text
     assert by_name["rte"].test[1].target == "not_entailment" and by_name["boolq"].train[1].target == "True"
+
+
+def test_trace_loads_its_eight_tasks_from_the_released_folders_with_their_metrics():
+    """task_sequence=trace: TRACE's folders of JSON arrays ({"prompt", "answer"}), each task with the paper's metric."""
+    from cl_runner.config import compose_config
+    from cl_runner.tasks.spec import load_task_sequence
+
+    cfg = compose_config(["task_sequence=trace", f"task_sequence.data_dir={FIXTURES / 'trace'}"])
+    tasks, _ = load_task_sequence(OmegaConf.to_container(cfg.task_sequence, resolve=True))
+    metrics = {t.name: t.metric for t in tasks}
+    assert metrics == {"trace_c_stance": "exact_match", "trace_fomc": "exact_match", "trace_meetingbank": "rouge_l", "trace_py150": "edit_similarity",
+                       "trace_scienceqa": "exact_match", "trace_numglue_cm": "exact_match", "trace_numglue_ds": "exact_match", "trace_20minuten": "sari"}
+    by_name = {t.name: t for t in tasks}
+    assert all(len(t.train) == 2 and len(t.test) == 2 for t in tasks)
+    assert by_name["trace_numglue_ds"].test[1].target == "42" and by_name["trace_numglue_ds"].test[1].prompt == "What is 6 times 7? Answer:"
+    assert by_name["trace_c_stance"].train[0].prompt.startswith("判断以下文本") and by_name["trace_py150"].train[0].target == "return a + b"
+    with pytest.raises(UserError, match=r"task 'trace_c_stance': its data is not on the Hugging Face hub: set task_sequence.data_dir to a folder holding C-STANCE/train.json"):
+        load_task_sequence(OmegaConf.to_container(compose_config(["task_sequence=trace"]).task_sequence, resolve=True))

@@ -135,3 +135,15 @@ def test_event_log_ends_a_partial_line_left_by_a_kill(tmp_path):
     log.write_text('{"event": "eval"}\n{"event": "train_st')  # killed mid-write
     EventLog(log, NullLogger()).write({"event": "start"})
     assert log.read_text().splitlines()[-1] == '{"event": "start"}'
+
+
+def test_edit_similarity_and_sari_against_known_values():
+    from cl_runner.evaluation.text_metrics import edit_similarity, sari
+
+    assert edit_similarity("kitten", "sitting") == pytest.approx(2 * 4 / 13)  # LCS "ittn": fuzzywuzzy's ratio 62
+    assert edit_similarity("return a + b", "return a + b") == 1.0 and edit_similarity("abc", "xyz") == 0.0
+    # Hugging Face evaluate's documented example of its `sari` metric: 26.953601953601954 (/100 here).
+    references = ["About 95 species are currently known.", "About 95 species are now accepted.", "95 species are now accepted."]
+    assert sari("About 95 you now get in.", references, "About 95 species are currently accepted.") == pytest.approx(0.26953601953601954)
+    assert sari("a b c", "a b c", "a b c") == 1.0  # keeping what the reference keeps, deleting and adding nothing
+    assert sari("a b", "a b", "a b c") == 1.0 and sari("a b c", "a b", "a b c") < 1.0  # deleting what the reference deletes

@@ -66,7 +66,7 @@ def evaluate_task(model, formatter: PromptFormatter, task: Task, batch_size: int
                       for m, member in enumerate(members)]
         predictions = [majority_vote([answers[i] for answers in per_member if i in answers]) for i in range(len(task.test))]
         metric = GENERATION_METRICS[task.metric]
-        return {task.metric: sum(metric(p, e.target) for p, e in zip(predictions, task.test)) / len(task.test)}
+        return {task.metric: sum(metric(p, e.target, e.prompt) for p, e in zip(predictions, task.test)) / len(task.test)}
     finally:
         model.train(was_training)
 

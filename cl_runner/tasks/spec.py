@@ -28,7 +28,7 @@ from cl_runner.tasks.sources import load_split
 BUILTIN_TASK_DIR = Path(__file__).parent / "builtin"
 BENCHMARK_TASK_DIR = Path(__file__).parent / "benchmarks"  # the field's sequences (hub data, or a local copy)
 TASK_DIR_NAMES = {"builtin": BUILTIN_TASK_DIR, "benchmarks": BENCHMARK_TASK_DIR}
-METRICS = ("acc", "acc_norm", "exact_match", "contains", "rouge_l")
+METRICS = ("acc", "acc_norm", "exact_match", "contains", "rouge_l", "edit_similarity", "sari")
 # Knowledge-edit tasks (type: edit) put one of CounterFact's scores into the accuracy matrix.
 EDIT_METRICS = ("efficacy", "paraphrase", "neighborhood", "edit_score")
 TASK_TYPES = ("qa", "edit")
@@ -58,6 +58,9 @@ class Task:
     train_size: int | None = None  # first N training records (None: all)
     eval_size: int | None = None  # first N test records (None: all)
     # The first N records of each answer (class), in file order: the field's fixed samples per class.
+    # With task_sequence.data_dir: the folder of this task's local copy (default: the task's name).
+    # dataset_path "local" marks data that is not on the hub and comes only from there.
+    local_folder: str | None = None
     train_per_class: int | None = None
     eval_per_class: int | None = None
     generation_kwargs: dict[str, Any] = field(default_factory=lambda: {"max_new_tokens": 16})
@@ -239,6 +242,9 @@ def load_task(spec: str | dict, task_dirs: list[str] | None = None, size_overrid
     if missing:
         raise UserError(f"task '{name}': missing required key(s) {sorted(missing)}")
     raw.update({k: v for k, v in (size_overrides or {}).items() if v is not None})
+    if raw.get("dataset_path") == "local" and not data_dir:
+        raise UserError(f"task '{name}': its data is not on the Hugging Face hub: set task_sequence.data_dir to a folder holding "
+                        f"{raw.get('local_folder') or name}/train.json and test.json (see the task's description)")
     if data_dir and raw.get("dataset_path") not in ("json", "jsonl", "csv", "parquet"):
         raw = use_local_copy(raw, data_dir)
     if raw.get("type") == "edit":
@@ -289,9 +295,15 @@ def _first_per_class(task: Task, records: list[tuple[str, int, dict]], count: in
 
 
 def use_local_copy(raw: dict, data_dir: str) -> dict:
-    """A hub task read from ``<data_dir>/<task name>/{train,test}.jsonl`` instead: the same records, offline."""
-    folder = Path(data_dir) / raw["name"]
-    files = {split: str(folder / f"{split}.jsonl") for split in ("train", "test")}
+    """A hub task read from ``<data_dir>/<task name>/{train,test}.jsonl`` (or ``.json``: JSON Lines or an
+    array of records) instead: the same records, offline. ``local_folder`` renames the folder."""
+    folder = Path(data_dir) / (raw.get("local_folder") or raw["name"])
+
+    def split_file(split: str) -> str:
+        array = folder / f"{split}.json"
+        return str(array if array.exists() and not (folder / f"{split}.jsonl").exists() else folder / f"{split}.jsonl")
+
+    files = {split: split_file(split) for split in ("train", "test")}
     kwargs = {k: v for k, v in (raw.get("dataset_kwargs") or {}).items() if k != "data_files"}
     return {**raw, "dataset_path": "json", "dataset_name": None, "training_split": "train", "test_split": "test",
             "dataset_kwargs": {**kwargs, "data_files": files}}
