@@ -154,6 +154,25 @@ def sum_gradients(parameters: Sequence[torch.nn.Parameter], world: World) -> Non
             offset += p.grad.numel()
 
 
+def broadcast_gradients(parameters: Sequence[torch.nn.Parameter], world: World) -> None:
+    """Rank 0's gradients on every rank (after ``sum_gradients`` every rank holds gradients for the same
+    parameters): a method that changes the summed gradient from its own per-rank computation (GEM's
+    projection) could otherwise differ by rounding between ranks, and the replicas would drift."""
+    if world.size == 1:
+        return
+    groups: dict[tuple, list[torch.nn.Parameter]] = {}
+    for parameter in parameters:
+        if parameter.grad is not None:
+            groups.setdefault((parameter.grad.dtype, parameter.grad.device), []).append(parameter)
+    for members in groups.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in members])
+        dist.broadcast(flat, src=0)
+        offset = 0
+        for p in members:
+            p.grad.copy_(flat[offset : offset + p.grad.numel()].view_as(p.grad))
+            offset += p.grad.numel()
+
+
 def _collective_device() -> str:
     return "cuda" if dist.get_backend() == "nccl" else "cpu"
 

@@ -286,8 +286,11 @@ class Experiment:
         task.input_batches = lambda prompts_only=False: input_batches(examples, self.cfg.eval.batch_size, self.device, prompts_only)
         trained: dict = {}
 
-        def train(task_indices: list[int] | None = None) -> dict:
-            """The shared loop on this task's examples, or on those of ``task_indices`` together (joint training)."""
+        def train(task_indices: list[int] | str | None = None) -> dict:
+            """The shared loop on this task's examples, or on those of ``task_indices`` ("all": every task
+            of the sequence, as the runner expanded it) together: joint training."""
+            if task_indices == "all":
+                task_indices = range(len(self.tasks))
             data = examples if task_indices is None else [e for i in task_indices for e in self._encode(self.tasks[i])]
             self.loop.on_step = lambda record: self.events.step(task.name, record)
             params = list(self.method.trainable_parameters(self.model))

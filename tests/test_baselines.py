@@ -70,12 +70,14 @@ def test_o_lora_terms_match_their_definition(tiny_model_and_tokenizer):
 
 
 def per_example_fisher(model, examples, names):
-    """The empirical Fisher by hand: the squared gradient of each example's Hugging Face loss, averaged."""
+    """The empirical Fisher by hand: the squared gradient of each example's answer log-likelihood
+    (Hugging Face's mean loss times its answer tokens), averaged over examples."""
     params = dict(model.named_parameters())
     total = {n: torch.zeros_like(params[n]) for n in names}
     model.eval()
     for e in examples:
-        loss = model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss
+        answer_tokens = sum(label != -100 for label in e.labels[1:])
+        loss = model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss * answer_tokens
         grads = torch.autograd.grad(loss, [params[n] for n in names])
         for n, g in zip(names, grads):
             total[n] += g.square()
@@ -83,6 +85,7 @@ def per_example_fisher(model, examples, names):
 
 
 def test_ewc_fisher_is_the_mean_squared_gradient_and_the_penalty_pulls_to_the_anchor(tiny_model_and_tokenizer):
+    torch.manual_seed(0)  # the adapter's initialisation and the stand-in training below
     built, model = method_on_tiny("ewc", tiny_model_and_tokenizer, "method.weight=3.0", "method.decay=0.5", "method.peft.lora_dropout=0.0")
     tokenizer = tiny_model_and_tokenizer[1]
     task, examples = task_with_inputs(tokenizer)
@@ -95,7 +98,7 @@ def test_ewc_fisher_is_the_mean_squared_gradient_and_the_penalty_pulls_to_the_an
     names = list(built.fisher)
     expected = per_example_fisher(model, examples[:64], names)
     for n in names:
-        torch.testing.assert_close(built.fisher[n], expected[n], rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(built.fisher[n], expected[n], rtol=1e-3, atol=1e-10)
     assert sum(float(f.sum()) for f in built.fisher.values()) > 0
 
     trainable = dict(built.named_trainable(model))
@@ -107,13 +110,13 @@ def test_ewc_fisher_is_the_mean_squared_gradient_and_the_penalty_pulls_to_the_an
     assert float(penalty) == pytest.approx(3.0 / 2 * by_hand, rel=1e-5)
     penalty.backward()
     for n, p in trainable.items():  # d/dtheta = weight * F * (theta - anchor): back towards the anchor
-        torch.testing.assert_close(p.grad, 3.0 * built.fisher[n] * (p - built.anchor[n]), rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(p.grad, 3.0 * built.fisher[n] * (p - built.anchor[n]), rtol=1e-4, atol=1e-10)
 
     first = {n: f.clone() for n, f in built.fisher.items()}
     built.consolidate(model, 1, examples, probe_for(model, built, tokenizer))
     second = per_example_fisher(model, examples[:64], names)
     for n in names:  # online EWC: the older Fisher decays
-        torch.testing.assert_close(built.fisher[n], 0.5 * first[n] + second[n], rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(built.fisher[n], 0.5 * first[n] + second[n], rtol=1e-3, atol=1e-10)
         assert torch.equal(built.anchor[n], trainable[n].detach())
 
 
@@ -132,12 +135,23 @@ def test_ewc_true_fisher_samples_answers_from_the_model(tiny_model_and_tokenizer
     assert not torch.equal(fishers[0], fishers[1]) and torch.equal(fishers[1], fishers[2])  # other answers; seeded
 
 
-def test_lwf_distils_from_the_model_before_the_task(tiny_model_and_tokenizer):
+def distillation(student, teacher, T):
+    """T^2 * KL(p_teacher || p_student) at temperature T, averaged over answer tokens, written out."""
+    p_teacher = torch.softmax(teacher / T, -1)
+    kl = (p_teacher * (torch.log_softmax(teacher / T, -1) - torch.log_softmax(student / T, -1))).sum(-1)
+    return kl.mean() * T * T
+
+
+P_TUNING = ["~method.peft", "+method.peft={_target_: peft.PromptEncoderConfig, num_virtual_tokens: 4, encoder_hidden_size: 16}"]
+
+
+@pytest.mark.parametrize("peft", [["method.peft.lora_dropout=0.0"], P_TUNING], ids=["lora", "p_tuning"])
+def test_lwf_distils_from_the_model_before_the_task(peft, tiny_model_and_tokenizer):
     from cl_runner.forward import forward_selected
-    from cl_runner.methods.lwf import distillation
     from cl_runner.training.batching import training_batch
 
-    built, model = method_on_tiny("lwf", tiny_model_and_tokenizer, "method.weight=2.0", "method.temperature=3.0", "method.peft.lora_dropout=0.0")
+    torch.manual_seed(0)
+    built, model = method_on_tiny("lwf", tiny_model_and_tokenizer, "method.weight=2.0", "method.temperature=3.0", *peft)
     tokenizer = tiny_model_and_tokenizer[1]
     task, examples = task_with_inputs(tokenizer)
     batch = training_batch(model, examples[:4], [1.0] * 4, tokenizer.pad_token_id, "padded", 1024)
@@ -182,6 +196,23 @@ def test_gem_projection_is_the_closest_gradient_that_raises_no_memory_loss():
         np.testing.assert_allclose(G.T @ v + g, z, atol=1e-9)
     satisfied = np.array([1.0, 1.0])
     np.testing.assert_allclose(project_to_cone(satisfied, np.array([[1.0, 0.0]])), satisfied)
+
+
+def test_gem_projection_is_exact_for_correlated_task_gradients_and_honours_the_margin():
+    from cl_runner.methods.gradient_memory import project_to_cone
+
+    nnls = pytest.importorskip("scipy.optimize").nnls
+    rng = np.random.default_rng(1)
+    shared = rng.normal(size=3000)  # LLM task gradients are highly correlated: an ill-conditioned dual
+    G = np.stack([shared + 0.02 * rng.normal(size=3000) for _ in range(5)])
+    g = -shared + 0.2 * rng.normal(size=3000)
+    assert np.linalg.cond(G @ G.T) > 1e3
+    v, _ = nnls(G.T, -g)  # min ||G^T v + g|| over v >= 0: the same dual
+    np.testing.assert_allclose(project_to_cone(g, G), g + G.T @ v, atol=1e-9)
+    z = project_to_cone(g, G, margin=0.5)
+    dual = np.linalg.lstsq(G.T, z - g, rcond=None)[0]
+    assert (dual >= 0.5 - 1e-9).all() and (G @ z >= -1e-6).all()
+    assert abs((dual - 0.5) @ (G @ z)) < 1e-6 * np.abs(G @ z).max()  # KKT: a dual above the margin only where its constraint is tight
 
 
 class FixedProbe:

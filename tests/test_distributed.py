@@ -68,6 +68,22 @@ def test_two_gloo_ranks_at_batch_4_follow_one_process_at_batch_8(tmp_path):
     assert not list(two.glob("*.tmp*")) and (two / "state.json").exists()
 
 
+def test_a_gradient_projecting_method_keeps_two_ranks_on_one_process_path(tmp_path):
+    """GEM changes the summed gradient after the all-reduce; every rank then steps with rank 0's."""
+    settings = [*SETTINGS, "method=gem", "method.memory_per_task=4", "task_sequence.tasks=[second_word,last_word]"]
+    single = run_cli([*settings, "trainer.batch_size=8", "hydra.run.dir=single"], cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ranks = _torchrun([*settings, "trainer.batch_size=4", "hydra.run.dir=ranks"], tmp_path, processes=2)
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    (_, losses_one), (_, losses_two) = train_log(tmp_path / "single"), train_log(tmp_path / "ranks")
+    assert len(losses_one) == 8 and losses_two == pytest.approx(losses_one, rel=1e-5)
+    steps = [json.loads(line) for line in (tmp_path / "ranks" / "train_log.jsonl").read_text().splitlines()]
+    assert [s["gradient_conflict"] is not None for s in steps if s.get("task") == "last_word"] == [True] * 4  # the projection step ran
+    adapters_one, adapters_two = _adapters(tmp_path / "single"), _adapters(tmp_path / "ranks")
+    for name, value in adapters_one.items():
+        assert torch.allclose(adapters_two[name], value, atol=1e-5), name
+
+
 def _collectives(rank: int, port: int, queue) -> None:
     import torch.distributed as dist
 

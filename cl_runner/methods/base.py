@@ -41,7 +41,8 @@ class ContinualMethod:
     def learn(self, model: torch.nn.Module, task_index: int, task: Task, train: Callable[[], dict]) -> dict:
         """Learn one task. The default runs the shared training loop (``train()``) and returns its stats.
 
-        ``train(task_indices)`` trains on those tasks' examples together instead (joint training)."""
+        ``train(task_indices)`` trains on those tasks' examples together instead, ``train("all")`` on
+        every task's (joint training)."""
         return train()
 
     def extra_loss(self, model: torch.nn.Module, batch: dict, outputs) -> torch.Tensor | None:

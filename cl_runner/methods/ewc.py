@@ -2,10 +2,12 @@
 
 One adapter (the ``peft:`` block, LoRA by default) trains through the sequence, as in
 ``seq_lora``. After each task the diagonal Fisher information of the trainable parameters is
-estimated on the task's training examples: the mean over batches (``fisher_batch_size``, 1 =
-per example) of the squared gradient of the answer-token loss, with the data's answers
+estimated on ``fisher_examples`` of the task's training examples (a seeded sample): the mean
+over batches (``fisher_batch_size``, 1 = per example, the estimate's definition; larger batches
+are cheaper and underestimate it) of the squared gradient of the answers' log-likelihood
+(summed over answer tokens, so long answers are not discounted), with the data's answers
 (``fisher: empirical``) or answers drawn from the model's own next-token distribution
-(``fisher: sampled``, the "true" Fisher, one draw per token). Fishers add up over tasks, the older ones multiplied
+(``fisher: sampled``, the "true" Fisher: each token drawn given the data's earlier tokens). Fishers add up over tasks, the older ones multiplied
 by ``decay`` at each new task (1: plain accumulation; below 1: online EWC, Schwarz et al.
 2018), and the anchor is the weights after the last task. While learning later tasks the loss
 gains ``weight / 2 * sum_i F_i (theta_i - anchor_i)^2``, logged as ``ewc_penalty``
@@ -14,6 +16,7 @@ gains ``weight / 2 * sum_i F_i (theta_i - anchor_i)^2``, logged as ``ewc_penalty
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import safetensors.torch
@@ -38,6 +41,8 @@ class EWC(ContinualMethod):
             raise UserError(f"method.decay must be a number in [0, 1], got {decay!r}")
         if not isinstance(fisher_batch_size, int) or fisher_batch_size < 1:
             raise UserError(f"method.fisher_batch_size must be a positive integer, got {fisher_batch_size!r}")
+        if fisher_examples is not None and (not isinstance(fisher_examples, int) or isinstance(fisher_examples, bool) or fisher_examples < 1):
+            raise UserError(f"method.fisher_examples must be a positive integer or null (all), got {fisher_examples!r}")
         self.adapter = PeftAdapter(peft, mode="sequential")
         self.weight, self.fisher_kind, self.decay = float(weight), fisher, float(decay)
         self.fisher_batch_size, self.fisher_examples, self.seed = fisher_batch_size, fisher_examples, seed
@@ -71,13 +76,15 @@ class EWC(ContinualMethod):
 
     def consolidate(self, model, task_index: int, examples, gradients) -> None:
         named = self.named_trainable(model)
-        used = list(examples)[: self.fisher_examples] if self.fisher_examples else list(examples)
+        used = list(examples)
+        if self.fisher_examples and len(used) > self.fisher_examples:
+            used = random.Random(f"{self.seed}-fisher-{task_index}").sample(used, self.fisher_examples)
         sampler = None
         if self.fisher_kind == "sampled":
             sampler = torch.Generator().manual_seed(self.seed * 1000 + task_index)
         new = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in named.values()]
         batches = 0
-        for grads in gradients.per_batch(used, self.fisher_batch_size, sample_from=sampler):
+        for grads in gradients.per_batch(used, self.fisher_batch_size, sample_from=sampler, summed=True):
             for total, grad in zip(new, grads):
                 total.add_(grad.square())
             batches += 1

@@ -9,7 +9,8 @@ memory. At every optimizer step of a later task, between backward and the step:
   g - (g . g_ref / g_ref . g_ref) g_ref, so the memory's loss does not rise to first order;
 - ``gem``: one gradient per earlier task, from its own memory (rows of G); when any G_k . g < 0,
   g becomes the closest vector z to g with G z >= 0, found through the dual of that quadratic
-  program (``project_to_cone``), with GEM's ``margin`` pushing further inside the cone.
+  program (``project_to_cone``, solved exactly); GEM's ``margin`` (memory strength) is a lower
+  bound on each task's dual variable, which moves the step further into the allowed cone.
 
 The step's record logs ``gradient_conflict`` (1 when the projection changed the gradient).
 The memory is saved with each task's checkpoint.
@@ -33,24 +34,42 @@ MEMORY_FILE = "episodic_memory.safetensors"
 VARIANTS = ("gem", "agem")
 
 
-def project_to_cone(g: np.ndarray, G: np.ndarray, margin: float = 0.0, iterations: int = 5000) -> np.ndarray:
+def project_to_cone(g: np.ndarray, G: np.ndarray, margin: float = 0.0) -> np.ndarray:
     """The z closest to ``g`` with ``G z >= 0``: z = g + G^T v, v solving GEM's dual
 
         min_v 1/2 v^T (G G^T) v + (G g)^T v   subject to   v >= margin
 
-    by projected gradient descent (the dual has one variable per earlier task, so this is cheap).
+    exactly, by Lawson and Hanson's active-set method on the t x t Gram matrix (one variable per
+    earlier task; task gradients are highly correlated, where gradient descent on the dual stalls).
+    ``margin`` is GEM's memory strength: a lower bound on each task's dual variable, as in GEM's code.
     """
     P = G @ G.T
-    q = G @ g
-    step = 1.0 / max(float(np.linalg.eigvalsh(P).max()), 1e-30)
-    v = np.full(len(q), margin, dtype=np.float64)
-    for _ in range(iterations):
-        updated = np.maximum(margin, v - step * (P @ v + q))
-        if np.abs(updated - v).max() <= 1e-12 * (1.0 + np.abs(v).max()):
-            v = updated
+    c = G @ g + P @ np.full(len(P), margin)  # v = margin + u, u >= 0
+    return g + G.T @ (margin + nonnegative_quadratic_minimum(P, c))
+
+
+def nonnegative_quadratic_minimum(P: np.ndarray, c: np.ndarray, tolerance: float = 1e-12) -> np.ndarray:
+    """argmin over u >= 0 of 1/2 u^T P u + c^T u for a positive semi-definite P (Lawson-Hanson NNLS in Gram form)."""
+    size = len(c)
+    u, passive = np.zeros(size), np.zeros(size, dtype=bool)
+    scale = tolerance * max(1.0, float(np.abs(P).max()), float(np.abs(c).max()))
+    for _ in range(3 * size + 1):
+        descent = -(P @ u + c)
+        if passive.all() or descent[~passive].max() <= scale:
             break
-        v = updated
-    return g + G.T @ v
+        passive[np.flatnonzero(~passive)[np.argmax(descent[~passive])]] = True
+        while True:
+            trial = np.zeros(size)
+            trial[passive] = np.linalg.lstsq(P[np.ix_(passive, passive)], -c[passive], rcond=None)[0]
+            if (trial[passive] > 0).all():
+                u = trial
+                break
+            blocking = passive & (trial <= 0)
+            step = np.min(u[blocking] / (u[blocking] - trial[blocking]))
+            u = u + step * (trial - u)
+            passive &= u > scale
+            u[~passive] = 0.0
+    return u
 
 
 def flat(tensors) -> torch.Tensor:
@@ -64,6 +83,8 @@ class GradientEpisodicMemory(ContinualMethod):
         for key, value in (("memory_per_task", memory_per_task), ("reference_size", reference_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"method.{key} must be a positive integer, got {value!r}")
+        if not isinstance(margin, (int, float)) or margin < 0:
+            raise UserError(f"method.margin must be a non-negative number, got {margin!r}")
         self.adapter = PeftAdapter(peft, mode="sequential")
         self.variant, self.memory_per_task, self.reference_size = variant, memory_per_task, reference_size
         self.margin, self.seed = float(margin), seed
@@ -107,7 +128,8 @@ class GradientEpisodicMemory(ContinualMethod):
         if conflict:
             offset = 0
             for p in parameters:
-                p.grad = g[offset : offset + p.numel()].view(p.shape).to(p.dtype)
+                if p.grad is not None:  # a parameter without a gradient stays untouched by the optimizer
+                    p.grad = g[offset : offset + p.numel()].view(p.shape).to(p.dtype)
                 offset += p.numel()
 
     def step_report(self):

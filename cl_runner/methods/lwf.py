@@ -5,7 +5,8 @@ trains, the model as it was before the task (the adapter as task t-1 left it, ke
 copy; for the first task the base model, adapters off) reads the same inputs, and the loss
 gains ``weight * T^2 * KL(p_prev || p_current)`` of the two next-token distributions at the
 temperature ``T``, averaged over the answer positions (where the task's loss is read), logged
-as ``lwf_distillation`` (unweighted). ``first_task: false`` skips the first task, as the paper
+as ``lwf_distillation`` (unweighted, the step's last micro-batch). The teacher runs without
+dropout and the student with it, so the term is not exactly 0 at the start of a task. ``first_task: false`` skips the first task, as the paper
 has no earlier tasks there; by default it distils from the base model, which keeps what the
 pre-trained model does. The teacher copy is rebuilt from the adapter the previous task's
 checkpoint holds, so a resumed run needs no state of its own.
@@ -54,8 +55,11 @@ class LwF(ContinualMethod):
         if task_index > 0:  # the teacher: a frozen copy of the adapter as the previous task left it
             if PREVIOUS not in model.peft_config:
                 model.add_adapter(PREVIOUS, peft_config(self.peft))
-            trained = get_peft_model_state_dict(model, adapter_name=self.adapter.adapter_name(task_index))
-            set_peft_model_state_dict(model, trained, adapter_name=PREVIOUS)
+            current = self.adapter.adapter_name(task_index)
+            if model.peft_config[current].is_prompt_learning:  # PEFT's state dict would leave P-tuning's encoder out
+                model.prompt_encoder[PREVIOUS].load_state_dict(model.prompt_encoder[current].state_dict())
+            else:
+                set_peft_model_state_dict(model, get_peft_model_state_dict(model, adapter_name=current), adapter_name=PREVIOUS)
             model.set_adapter(self.adapter.adapter_name(task_index))
             for name, p in model.named_parameters():
                 if f".{PREVIOUS}." in f".{name}.":

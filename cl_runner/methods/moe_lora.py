@@ -1,17 +1,21 @@
 """A mixture of LoRA experts with a learnt router: one expert per task, earlier experts frozen.
 
 Every targeted linear layer (``q_proj`` and ``v_proj`` by default) gets one LoRA expert per
-task (A random, B zero, so a new expert adds nothing until it trains) and a router: a linear
-map from the layer's input to one logit per expert. Each token's output is
+task (A random, B zero) and a router: a linear map from the layer's input to one logit per
+expert (the new expert's starts at zero). Each token's output is
 
     W x + (alpha / r) * sum_e softmax(router(x))_e * B_e A_e x
 
 (dense gating, as LoRAMoE). While task t trains, its expert and the whole router train (the
 router from the second task on: with one expert there is nothing to route); earlier experts
-stay frozen. Inference needs no task id: the router decides per token. After each task, the
-router's choice on that task's training inputs (the mean gate of each expert over real
-tokens and layers) is kept and reported per row in ``results.json`` (``method_reports``:
-``router_choice``), so a user sees whether the router sends each task to its own expert.
+stay frozen. Inference needs no task id: the router decides per token. A new expert adds
+nothing itself (B is zero) but takes its share of the softmax: the earlier experts' outputs are
+scaled down until the router learns to send their tokens back to them (no load-balancing
+term, unlike LoRAMoE). After each task, the router's choice on that task's training inputs
+(the mean gate of each expert over real tokens and layers) is kept and reported per row in
+``results.json`` (``method_reports``: ``router_choice``); it is measured once, right after the
+task, so a later drift of the router away from an earlier task's expert does not show there
+(the accuracy matrix shows its effect).
 """
 
 from __future__ import annotations
@@ -77,6 +81,10 @@ class MoELoRA(ContinualMethod):
     def __init__(self, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0, target_modules: list = ("q_proj", "v_proj")):
         if not (isinstance(r, int) and r >= 1):
             raise UserError(f"method.r must be a positive integer, got {r!r}")
+        if not isinstance(lora_alpha, (int, float)) or lora_alpha <= 0:
+            raise UserError(f"method.lora_alpha must be a positive number, got {lora_alpha!r}")
+        if not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
+            raise UserError(f"method.lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
         self.r, self.alpha, self.dropout, self.targets = r, float(lora_alpha), float(lora_dropout), tuple(target_modules)
         self.current = 0
         self.router_choice: dict[int, list[float]] = {}

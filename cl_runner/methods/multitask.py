@@ -4,14 +4,15 @@ One adapter (the ``peft:`` block, LoRA by default) trains on the union of all ta
 examples when the first task comes, for the configured epochs (so every example is seen as
 often as in the sequence); later tasks train nothing. Every row of the accuracy matrix after
 training is therefore the same model: BWT is 0 by construction and ACC is what training on all
-the data at once reaches. Its training time and cost are reported on the first task.
+the data at once reaches; FWT means nothing here (the rows before a task already learnt it).
+Its training time and cost are reported on the first task, and ``trainer.max_steps`` caps the
+one joint run (not each task).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from cl_runner.errors import UserError
 from cl_runner.methods.base import ContinualMethod
 from cl_runner.methods.peft_adapter import PeftAdapter
 
@@ -19,11 +20,8 @@ NOTHING_TRAINED = {"steps": 0, "tokens": 0, "seconds": 0.0, "tokens_per_s": 0.0,
 
 
 class Multitask(ContinualMethod):
-    def __init__(self, peft: dict, num_tasks: int):
-        if not isinstance(num_tasks, int) or num_tasks < 1:
-            raise UserError(f"method.num_tasks must be a positive integer, got {num_tasks!r}")
+    def __init__(self, peft: dict):
         self.adapter = PeftAdapter(peft, mode="sequential")
-        self.num_tasks = num_tasks
 
     def setup(self, model):
         return self.adapter.setup(model)
@@ -37,7 +35,7 @@ class Multitask(ContinualMethod):
     def learn(self, model, task_index: int, task, train) -> dict:
         if task_index > 0:  # learnt with the first task already
             return dict(NOTHING_TRAINED)
-        return train(list(range(self.num_tasks)))
+        return train("all")
 
     def eval_context(self, model, tasks_learnt: int, task_index: int):
         return self.adapter.eval_context(model, tasks_learnt, task_index)

@@ -38,8 +38,10 @@ class GradientProbe:
                 acc.add_(grad)
         return summed
 
-    def per_batch(self, examples: Sequence[TokenizedExample], batch_size: int, sample_from: torch.Generator | None = None) -> Iterator[list[torch.Tensor]]:
-        """The gradient of each batch of ``batch_size`` examples' mean answer-token loss (1: per example).
+    def per_batch(self, examples: Sequence[TokenizedExample], batch_size: int, sample_from: torch.Generator | None = None,
+                  summed: bool = False) -> Iterator[list[torch.Tensor]]:
+        """The gradient of each batch of ``batch_size`` examples' mean answer-token loss (1: per example);
+        with ``summed``, of their summed answer-token loss (the negative log-likelihood of the answers).
 
         With ``sample_from`` (a seeded generator, so the global random stream is untouched) the
         targets are drawn from the model's own next-token distribution instead of taken from
@@ -48,7 +50,7 @@ class GradientProbe:
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
             tokens = sum(e.num_target_tokens for e in chunk)
-            yield self._gradient(chunk, 1.0 / max(tokens, 1), sample_from)
+            yield self._gradient(chunk, 1.0 if summed else 1.0 / max(tokens, 1), sample_from)
 
     def _gradient(self, examples: Sequence[TokenizedExample], token_weight: float, sample_from: torch.Generator | None) -> list[torch.Tensor]:
         batch = training_batch(self.model, examples, [token_weight] * len(examples), self.pad_token_id, self.layout, self.row_tokens)

@@ -18,10 +18,11 @@ from tqdm.auto import tqdm
 
 from cl_runner.errors import UserError
 from cl_runner.formatting import TokenizedExample
+from cl_runner.methods.base import ContinualMethod
 from cl_runner.training.batching import BATCH_LAYOUTS, length_grouped_batches, training_batch
 from cl_runner.training.gradients import GradientProbe
 from cl_runner.training.loss import answer_token_loss, weighted_objective
-from cl_runner.distributed import World, sum_gradients, sum_over_ranks
+from cl_runner.distributed import World, broadcast_gradients, sum_gradients, sum_over_ranks
 from cl_runner.training.mid_task import MidTaskCheckpoint
 from cl_runner.training.precision import PRECISIONS, MasterWeights, autocast_context
 
@@ -179,7 +180,9 @@ class TrainingLoop:
             step_loss = self.accumulate(model, method, mixed, replay_share, scaler, masters)
             tokens += sum(len(e.input_ids) for current, replayed in mixed for e in (*current, *replayed))
             scaler.unscale_(optimizer)
-            method.adjust_gradients(model, masters.parameters, probe, step_index)
+            if type(method).adjust_gradients is not ContinualMethod.adjust_gradients:
+                method.adjust_gradients(model, masters.parameters, probe, step_index)
+                broadcast_gradients(masters.parameters, self.world)  # every rank steps with rank 0's adjusted gradient
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(masters.parameters, cfg.max_grad_norm)
             scaler.step(optimizer)
