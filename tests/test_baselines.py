@@ -347,3 +347,29 @@ def test_what_a_task_leaves_protects_the_next_one_in_a_real_run(method, logged, 
     assert len(values) == 4
     if method == "ewc":
         assert values[0] == 0.0 and values[-1] > 0  # at the anchor when the task starts, then pulled away from it
+
+
+def test_sampled_fisher_gradients_use_answers_drawn_from_the_model(tiny_model_and_tokenizer):
+    """The true Fisher's gradient: targets drawn from the model's next-token distribution at the answer positions."""
+    import torch.nn.functional as F
+
+    from cl_runner.forward import forward_selected
+    from cl_runner.training.batching import training_batch
+
+    torch.manual_seed(0)
+    built, model = method_on_tiny("ewc", tiny_model_and_tokenizer, "method.peft.lora_dropout=0.0")
+    tokenizer = tiny_model_and_tokenizer[1]
+    task, examples = task_with_inputs(tokenizer)
+    built.before_task(model, 0, task)
+    params = built.trainable_parameters(model)
+    probe = probe_for(model, built, tokenizer)
+    [got] = list(probe.per_batch(examples[:1], 1, sample_from=torch.Generator().manual_seed(7), summed=True))
+
+    model.eval()
+    batch = training_batch(model, examples[:1], [1.0], tokenizer.pad_token_id, "padded", 1024)
+    logits = forward_selected(model, batch["input_ids"], batch["read_rows"], batch["read_cols"], attention_mask=batch["attention_mask"]).logits.float()
+    drawn = torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=torch.Generator().manual_seed(7)).squeeze(-1)
+    assert not torch.equal(drawn, batch["targets"])  # other answers than the data's
+    want = torch.autograd.grad(F.cross_entropy(logits, drawn, reduction="sum"), params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-9)
