@@ -138,20 +138,10 @@ def sum_gradients(parameters: Sequence[torch.nn.Parameter], world: World) -> Non
         return
     reached = torch.tensor([p.grad is not None for p in parameters], dtype=torch.float32, device=_collective_device())
     dist.all_reduce(reached, op=dist.ReduceOp.SUM)
-    groups: dict[tuple, list[torch.nn.Parameter]] = {}
     for parameter, count in zip(parameters, reached.tolist()):
-        if not count:
-            continue
-        if parameter.grad is None:
+        if count and parameter.grad is None:
             parameter.grad = torch.zeros_like(parameter)
-        groups.setdefault((parameter.grad.dtype, parameter.grad.device), []).append(parameter)
-    for members in groups.values():
-        flat = torch.cat([p.grad.reshape(-1) for p in members])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        offset = 0
-        for p in members:
-            p.grad.copy_(flat[offset : offset + p.grad.numel()].view_as(p.grad))
-            offset += p.grad.numel()
+    _on_flat_gradients(parameters, lambda flat: dist.all_reduce(flat, op=dist.ReduceOp.SUM))
 
 
 def broadcast_gradients(parameters: Sequence[torch.nn.Parameter], world: World) -> None:
@@ -160,13 +150,18 @@ def broadcast_gradients(parameters: Sequence[torch.nn.Parameter], world: World) 
     projection) could otherwise differ by rounding between ranks, and the replicas would drift."""
     if world.size == 1:
         return
+    _on_flat_gradients(parameters, lambda flat: dist.broadcast(flat, src=0))
+
+
+def _on_flat_gradients(parameters: Sequence[torch.nn.Parameter], collective: Callable[[torch.Tensor], object]) -> None:
+    """Run ``collective`` in place on the gradients that exist, as one flat buffer per dtype and device."""
     groups: dict[tuple, list[torch.nn.Parameter]] = {}
     for parameter in parameters:
         if parameter.grad is not None:
             groups.setdefault((parameter.grad.dtype, parameter.grad.device), []).append(parameter)
     for members in groups.values():
         flat = torch.cat([p.grad.reshape(-1) for p in members])
-        dist.broadcast(flat, src=0)
+        collective(flat)
         offset = 0
         for p in members:
             p.grad.copy_(flat[offset : offset + p.grad.numel()].view_as(p.grad))
