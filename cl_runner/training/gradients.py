@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from cl_runner.formatting import TokenizedExample
-from cl_runner.forward import forward_selected
 from cl_runner.training.batching import training_batch
-from cl_runner.training.loss import MODEL_INPUTS
+from cl_runner.training.loss import answer_token_loss, weighted_objective
 from cl_runner.training.precision import autocast_context
 
 
@@ -55,17 +54,16 @@ class GradientProbe:
     def _gradient(self, examples: Sequence[TokenizedExample], token_weight: float, sample_from: torch.Generator | None) -> list[torch.Tensor]:
         batch = training_batch(self.model, examples, [token_weight] * len(examples), self.pad_token_id, self.layout, self.row_tokens)
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.enable_grad(), autocast_context(self.precision, self.device):
-                logits = forward_selected(self.model, batch["input_ids"], batch["read_rows"], batch["read_cols"], **inputs).logits.float()
-                targets = batch["targets"]
+                outputs = answer_token_loss(self.model, batch)  # the training objective's own forward
                 if sample_from is not None:
-                    probabilities = torch.softmax(logits.detach(), dim=-1).to(sample_from.device)
-                    targets = torch.multinomial(probabilities, 1, generator=sample_from).squeeze(-1).to(logits.device)
-                loss = (F.cross_entropy(logits, targets, reduction="none") * batch["target_weights"]).sum()
+                    probabilities = torch.softmax(outputs.logits.detach(), dim=-1).to(sample_from.device)
+                    drawn = torch.multinomial(probabilities, 1, generator=sample_from).squeeze(-1).to(outputs.logits.device)
+                    outputs.token_losses = F.cross_entropy(outputs.logits, drawn, reduction="none")
+                loss = weighted_objective(outputs, batch)
                 grads = torch.autograd.grad(loss, self.parameters, allow_unused=True)
         finally:
             self.model.train(was_training)
