@@ -36,16 +36,17 @@ def longest_common_subsequence(a, b) -> int:
     return previous[-1]
 
 
+def _f1(precision: float, recall: float) -> float:
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
 def rouge_l(prediction: str, target: str, source: str = "") -> float:
     """ROUGE-L F1 over whitespace tokens of the normalised strings."""
     a, b = normalize_answer(prediction).split(), normalize_answer(target).split()
     if not a or not b:
         return float(a == b)
     lcs = longest_common_subsequence(a, b)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(a), lcs / len(b)
-    return 2 * precision * recall / (precision + recall)
+    return _f1(lcs / len(a), lcs / len(b))
 
 
 def edit_similarity(prediction: str, target: str, source: str = "") -> float:
@@ -63,10 +64,6 @@ def _sari_tokens(text: str) -> list[str]:
 
 def _ngrams(tokens: list[str], n: int) -> Counter:
     return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
-
-
-def _f1(precision: float, recall: float) -> float:
-    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
 
 
 def _sari_ngram(source: Counter, prediction: Counter, references: list[Counter]) -> tuple[float, float, float]:
