@@ -17,7 +17,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 # run directory's name ignores them too (conf/hydra/default.yaml, checked by a test).
 RESUME_SAFE_KEYS = (
     "logger", "trainer.device", "trainer.num_threads", "trainer.progress_bar", "trainer.log_every", "trainer.checkpoint_every",
-    "trainer.distributed_timeout_min", "eval.progress_bar", "model.loader.cache_dir",
+    "trainer.distributed_timeout_min", "trainer.sharding", "eval.progress_bar", "model.loader.cache_dir",
 )
 
 # Run directories are named after the command-line overrides; a plain `cl-runner` gets "default".

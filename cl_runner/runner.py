@@ -46,6 +46,7 @@ from cl_runner.run_lock import RunLock
 from cl_runner.run_state import RunState, Row, result_settings
 from cl_runner.tasks import Task, load_task_sequence
 from cl_runner.training import TrainingLoop, check_trainer_config, require_setting
+from cl_runner.training.sharding import check_sharding
 from cl_runner.training.batching import input_batches
 from cl_runner.training.mid_task import MidTaskCheckpoint
 
@@ -141,6 +142,7 @@ class Experiment:
         self.task_names = [t.name for t in self.tasks]
         # Settings next: a bad method, replay or logger setting fails before the model is loaded.
         self.method = build(cfg.method, "method")
+        check_sharding(cfg.trainer.get("sharding", "none"), self.method)
         self.replay = build(cfg.replay, "replay")
         self.logger = build(cfg.logger, "logger") if world.is_main else NullLogger()
         self.suites = build_suites(self.config["eval"].get("suites"))

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA_PARALLEL as SETTINGS, run_cli, train_log
+from conftest import DATA_PARALLEL as SETTINGS, REPO, SMOKE, run_cli, train_log
 
 
 def _free_port() -> int:
@@ -27,10 +27,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(args: list[str], cwd: Path, processes: int) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={_free_port()}",
-               "-m", "cl_runner", *args]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+def _torchrun(args: list[str], cwd: Path, processes: int, script: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``torchrun`` of cl-runner (or of ``script``, e.g. tests/hooked_cli.py)."""
+    program = [str(script)] if script else ["-m", "cl_runner"]
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={_free_port()}", *program, *args]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -123,3 +124,75 @@ def test_gradients_reports_and_agreement_across_two_ranks():
         assert one == [1.0, 2.0, 3.0] and both == [3.0, 3.0, 3.0] and none is None
         assert report == {"task_identification": {"0": 0.5, "1": 1.5}}
         assert disagreement is not None and "the rank" in disagreement
+
+
+FSDP_METHODS = {"seq_lora": ["method.peft.lora_dropout=0.0"], "seq_ft": ["method=seq_ft", "trainer.lr=1e-4"]}
+
+
+def _fsdp_settings(method: str) -> list[str]:
+    return [*[s for s in SETTINGS if not s.startswith("method.peft")], *FSDP_METHODS[method], "task_sequence.tasks=[second_word,last_word]"]
+
+
+def _steps(run_dir: Path) -> list[dict]:
+    return [e for e in map(json.loads, (run_dir / "train_log.jsonl").read_text().splitlines()) if e["event"] == "train_step"]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted((run_dir / "checkpoints").rglob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.mark.parametrize("method", sorted(FSDP_METHODS))
+def test_fsdp_shards_the_optimizer_state_and_follows_one_process(method, tmp_path):
+    """trainer.sharding=fsdp on two gloo ranks at batch 4: each rank's optimizer steps half the trainable
+    elements, and the losses, every checkpoint's weights and the matrix match one process at batch 8."""
+    settings = _fsdp_settings(method)
+    single = run_cli([*settings, "trainer.batch_size=8", "hydra.run.dir=single"], cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ranks = _torchrun([*settings, "trainer.batch_size=4", "trainer.sharding=fsdp", "hydra.run.dir=ranks"], tmp_path, processes=2)
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    one, two = tmp_path / "single", tmp_path / "ranks"
+    results_one, results_two = (json.loads((d / "results.json").read_text()) for d in (one, two))
+    for task_one, task_two in zip(results_one["train"], results_two["train"]):
+        assert task_one["optimizer_elements_per_rank"] == task_one["trainable_parameters"]
+        # FSDP pads each tensor's first dimension to a multiple of the rank count: about half, not exactly.
+        assert task_two["optimizer_elements_per_rank"] <= 0.52 * task_two["trainable_parameters"]
+    (events_one, losses_one), (events_two, losses_two) = train_log(one), train_log(two)
+    assert events_two == events_one and len(losses_one) == 2 * 4
+    assert losses_two == pytest.approx(losses_one, rel=1e-5)
+    # Adam would hide a gradient scaled by the rank count (an average instead of the sum); the norm does not.
+    norms_one, norms_two = ([e["grad_norm"] for e in _steps(d)] for d in (one, two))
+    assert norms_two == pytest.approx(norms_one, rel=1e-4) and len(norms_one) == 8
+    weights_one, weights_two = _weights(one), _weights(two)  # gathered back whole into the runner's model after each task
+    assert weights_one.keys() == weights_two.keys() and weights_one
+    for name, value in weights_one.items():
+        assert torch.allclose(weights_two[name], value, atol=1e-5), name
+    assert results_two["acc_matrix"] == results_one["acc_matrix"]
+
+
+def test_fsdp_killed_inside_a_task_resumes_from_its_sharded_state(tmp_path):
+    """The mid-task checkpoint gathers the shards of the weights and Adam moments into one file;
+    a two-rank FSDP run killed after step 3 of its last task resumes from step 2's checkpoint and ends
+    with the losses and weights of an uninterrupted two-rank FSDP run."""
+    args = [*_fsdp_settings("seq_ft"), "trainer.batch_size=4", "trainer.sharding=fsdp", "trainer.checkpoint_every=2"]
+    clean = _torchrun([*args, "hydra.run.dir=clean"], tmp_path, processes=2)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    killed = _torchrun([*args, "hydra.run.dir=killed"], tmp_path, processes=2, script=REPO / "tests" / "hooked_cli.py",
+                       env={"CL_RUNNER_TEST_AT": "last_word:3", "CL_RUNNER_TEST_DO": "kill"})
+    assert killed.returncode != 0 and (tmp_path / "killed" / "checkpoints" / "in_progress.pt").exists()
+    resumed = _torchrun([*args, "hydra.run.dir=killed"], tmp_path, processes=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    events = [json.loads(line) for line in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
+    last_start = max(i for i, e in enumerate(events) if e["event"] == "start")
+    assert [e["step"] for e in events[last_start:] if e["event"] == "train_step"] == [3, 4]
+    _, clean_losses = train_log(tmp_path / "clean")
+    assert [e["loss"] for e in events[last_start:] if e["event"] == "train_step"] == pytest.approx(clean_losses[-2:], rel=1e-6)
+    weights_clean, weights_resumed = _weights(tmp_path / "clean"), _weights(tmp_path / "killed")
+    for name, value in weights_clean.items():
+        assert torch.allclose(weights_resumed[name], value, atol=1e-6), name
+
+
+def test_fsdp_refuses_a_method_that_computes_gradients_outside_the_step(tmp_path):
+    result = run_cli([*SMOKE, "logger=none", "method=ewc", "trainer.sharding=fsdp", "hydra.run.dir=ewc"], cwd=tmp_path)
+    assert result.returncode != 0
+    assert "trainer.sharding=fsdp cannot train method EWC" in result.stderr and "consolidate" in result.stderr
+    assert not (tmp_path / "ewc" / "state.json").exists()

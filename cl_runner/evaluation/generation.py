@@ -76,7 +76,9 @@ def generate(model, formatter: PromptFormatter, examples: Sequence[Example], max
         else:
             generated = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids, use_cache=True, **extra,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids, use_cache=True,
+                synced_gpus=False,  # each rank decodes its own prompts (an FSDP model is whole between tasks; transformers would wait for the other ranks)
+                **extra,
             )[:, ids.shape[1] :].tolist()
         for row, index in enumerate(batch):
             text = tokenizer.decode(until_stop_token(generated[row], stop_ids), skip_special_tokens=True)

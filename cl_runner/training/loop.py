@@ -25,6 +25,7 @@ from cl_runner.training.loss import answer_token_loss, weighted_objective
 from cl_runner.distributed import World, broadcast_gradients, sum_gradients, sum_over_ranks
 from cl_runner.training.mid_task import MidTaskCheckpoint
 from cl_runner.training.precision import PRECISIONS, MasterWeights, autocast_context
+from cl_runner.training.sharding import local_numel, sharded_training, whole
 
 MixedBatch = tuple[list[TokenizedExample], list[TokenizedExample]]  # (current task, replayed)
 
@@ -86,6 +87,7 @@ class TrainingLoop:
         self.pad_token_id = pad_token_id
         self.on_step = on_step or (lambda record: None)
         self.world = world  # data parallelism: each rank trains on its share of every global micro-batch
+        self.sharding_now = False  # inside a sharded task FSDP reduces the gradients itself
 
     def _batches(self, examples: Sequence[TokenizedExample], rng: random.Random) -> list[list[TokenizedExample]]:
         lengths = [len(e.input_ids) for e in examples]
@@ -140,7 +142,7 @@ class TrainingLoop:
             step_loss += self.micro_step(model, method, self.world.share(current), self.world.share(replayed), weights, len(mixed), scaler, sharing)
             if masters is not None:
                 masters.gradients_to_master()
-        if masters is not None:
+        if masters is not None and not self.sharding_now:
             sum_gradients(masters.parameters, self.world)
         return sum_over_ranks(step_loss, self.world)
 
@@ -149,7 +151,19 @@ class TrainingLoop:
 
         With a ``checkpoint``, the task continues from the state it saved (if any) and saves
         its state every ``checkpoint.every`` steps (:mod:`cl_runner.training.mid_task`).
+        Under ``trainer.sharding=fsdp`` (and more than one rank) the model is sharded while it
+        trains and whole again afterwards (:mod:`cl_runner.training.sharding`).
         """
+        if self.cfg.get("sharding", "none") != "fsdp" or self.world.size == 1:
+            return self._train(model, parameters, examples, method, replay, seed, task_name, checkpoint)
+        with sharded_training(model, parameters) as (sharded, sharded_params):
+            self.sharding_now = True
+            try:
+                return self._train(sharded, sharded_params, examples, method, replay, seed, task_name, checkpoint)
+            finally:
+                self.sharding_now = False
+
+    def _train(self, model, parameters, examples, method, replay, seed: int, task_name: str, checkpoint: MidTaskCheckpoint | None) -> dict:
         cfg = self.cfg
         rng = random.Random(seed)
         torch.manual_seed(seed)  # dropout masks: a resumed task repeats an uninterrupted one exactly
@@ -183,8 +197,9 @@ class TrainingLoop:
             if type(method).adjust_gradients is not ContinualMethod.adjust_gradients:
                 method.adjust_gradients(model, masters.parameters, probe, step_index)
                 broadcast_gradients(masters.parameters, self.world)  # every rank steps with rank 0's adjusted gradient
+            grad_norm = None
             if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(masters.parameters, cfg.max_grad_norm)
+                grad_norm = float(whole(torch.nn.utils.clip_grad_norm_(masters.parameters, cfg.max_grad_norm)))  # before clipping
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -192,6 +207,8 @@ class TrainingLoop:
             lr = schedule.get_last_lr()[0]
             schedule.step()
             record = {"step": step_index, "loss": step_loss, "lr": lr, "tokens": tokens, "tokens_per_s": tokens / (time.perf_counter() - started)}
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm
             record.update(method.step_report() or {})
             if scaler.is_enabled():
                 record["loss_scale"] = scaler.get_scale()  # falls when fp16 gradients overflow (those steps are skipped)
@@ -203,4 +220,5 @@ class TrainingLoop:
                 self.on_step(record)
         progress.close()
         elapsed = time.perf_counter() - started
-        return {"steps": len(steps), "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9), "final_loss": record.get("loss")}
+        return {"steps": len(steps), "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9), "final_loss": record.get("loss"),
+                "optimizer_elements_per_rank": sum(local_numel(p) for p in masters.parameters)}  # what this rank's optimizer steps (a shard under FSDP)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from cl_runner.atomic_io import write_file_atomic
+from cl_runner.training.sharding import copy_into, reshard_optimizer_state, whole
 
 log = logging.getLogger(__name__)
 
@@ -34,23 +35,25 @@ class MidTaskCheckpoint:
     writer: bool = True  # under data parallelism only rank 0 writes; every rank reads the file on resume
 
     def due(self, step: int, total_steps: int) -> bool:
-        return self.writer and bool(self.every) and step % self.every == 0 and step < total_steps  # the last step ends the task anyway
+        return bool(self.every) and step % self.every == 0 and step < total_steps  # the last step ends the task anyway
 
     def save(self, step: int, tokens: int, seconds: float, masters, optimizer, schedule, scaler, rng: random.Random) -> None:
+        """Called on every rank (sharded weights are gathered for the file); only the writer writes."""
         state = {
             "task_index": self.task_index,
             "step": step,
             "tokens": tokens,
             "seconds": seconds,
-            "parameters": [p.detach().cpu().clone() for p in masters.parameters],
-            "optimizer": optimizer.state_dict(),
+            "parameters": [whole(p.detach()).cpu().clone() for p in masters.parameters],
+            "optimizer": whole(optimizer.state_dict()),
             "schedule": schedule.state_dict(),
             "scaler": scaler.state_dict(),
             "python_rng": rng.getstate(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
-        write_file_atomic(self.path, lambda tmp: _save_synced(state, tmp))
+        if self.writer:
+            write_file_atomic(self.path, lambda tmp: _save_synced(state, tmp))
 
     def load(self) -> dict | None:
         """The saved state of this task, or None (no file, or one left by another task)."""
@@ -70,9 +73,10 @@ class MidTaskCheckpoint:
             raise RuntimeError(f"{self.path} holds other trainable parameters than this task trains; delete it to restart the task")
         with torch.no_grad():
             for master, value in zip(masters.parameters, saved):
-                master.copy_(value)
+                copy_into(master, value)
         masters.master_to_model()
         optimizer.load_state_dict(state["optimizer"])
+        reshard_optimizer_state(optimizer)
         schedule.load_state_dict(state["schedule"])
         scaler.load_state_dict(state["scaler"])
         python_rng = state["python_rng"]
