@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from peft import PeftConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora.layer import Linear as LoraLinear
 from safetensors.torch import load_file, save_file
 
 from cl_runner.errors import UserError
@@ -77,3 +80,72 @@ def sum_adapters(model, names: list[str]) -> None:
     """
     model.base_model.set_adapter(names)
     model.requires_grad_(False)
+
+
+class FoldedLora:
+    """The active LoRA adapters folded into the base weights while the model is scored (CPU, fp32).
+
+    An unfolded LoRA layer runs three matrix products (the base weight, A, then B) and adds
+    them; folded, one. The folded weights (W + scaling * B A per layer) are built once and
+    kept until a weight they came from changes (training steps bump the tensors' version
+    counters), so the many scoring jobs of one row share them; entering the context swaps
+    them in for the base weights and marks the layers merged, leaving the exit to swap the
+    originals back: the base weights themselves are never written. Scores differ from the
+    unfolded model's by float rounding only. Not folded: bf16/fp16 weights (the sum would
+    round a small delta away), GPU models (the extra products cost little there, and a
+    second copy of the weights would), LoRA variants such as DoRA, and non-Linear layers.
+    """
+
+    def __init__(self):
+        self._key: tuple | None = None
+        self._folded: list[tuple[torch.nn.Module, torch.nn.Parameter]] = []
+
+    @staticmethod
+    def _foldable(model) -> list:
+        layers = [m for m in model.modules() if isinstance(m, LoraLinear) and m.active_adapters and not m.merged and not m.disable_adapters]
+        for layer in layers:
+            weight = layer.get_base_layer().weight
+            active = [a for a in layer.active_adapters if a in layer.lora_A]
+            if weight.dtype != torch.float32 or weight.device.type != "cpu" or any(a in layer.lora_variant for a in active):
+                return []
+        return layers
+
+    def _build(self, layers: list) -> None:
+        folded = []
+        with torch.no_grad():
+            for layer in layers:
+                weight = layer.get_base_layer().weight.detach().clone()
+                for adapter in layer.active_adapters:
+                    if adapter in layer.lora_A:
+                        weight += layer.get_delta_weight(adapter)
+                folded.append((layer, torch.nn.Parameter(weight, requires_grad=False)))
+        self._folded = folded
+
+    @contextlib.contextmanager
+    def scoring(self, model) -> Iterator[None]:
+        layers = self._foldable(model)
+        if not layers:
+            yield
+            return
+        key = tuple((id(t), t._version) for layer in layers for t in self._sources(layer))
+        if key != self._key:
+            self._build(layers)
+            self._key = key
+        originals = []
+        for layer, folded in self._folded:
+            base = layer.get_base_layer()
+            originals.append((layer, base, base._parameters["weight"]))
+            base._parameters["weight"] = folded
+            layer.merged_adapters = [a for a in layer.active_adapters if a in layer.lora_A]  # PEFT's forward: base layer only
+        try:
+            yield
+        finally:
+            for layer, base, weight in originals:
+                base._parameters["weight"] = weight
+                layer.merged_adapters = []
+
+    @staticmethod
+    def _sources(layer) -> list[torch.Tensor]:
+        """The tensors a layer's folded weight is computed from (their versions say when to rebuild)."""
+        active = [a for a in layer.active_adapters if a in layer.lora_A]
+        return [layer.get_base_layer().weight, *(layer.lora_A[a].weight for a in active), *(layer.lora_B[a].weight for a in active)]

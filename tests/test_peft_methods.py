@@ -424,3 +424,37 @@ def test_routed_examples_are_answered_by_their_member_only(tiny_model_and_tokeni
     answered.clear()
     scores = evaluation.evaluate_task(model, formatter, task, 8, "cpu", [member(0), member(1)])  # no router: an ensemble
     assert answered == [(0, 3), (1, 3)] and scores["acc"] == 1.0  # ties (-0.5 each) go to the first choice
+
+
+def test_scoring_folds_lora_into_the_weights_without_writing_them(tiny_model_and_tokenizer):
+    """seq_lora scores with each LoRA layer's W + scaling·BA in place of W (one product instead of three):
+    the logits are the unfolded model's up to rounding, the base weights stay the very tensors with the
+    very values, and a weight changed by training (in place, as the optimizer does) is folded afresh."""
+    base, tokenizer = tiny_model_and_tokenizer
+    ids = prompt_ids(tokenizer)
+    method = build(compose_config(["method=seq_lora"]).method, "method")
+    model = method.setup(copy.deepcopy(base)).eval()
+    layers = list(lora_layers(model).values())
+    weights = [layer.get_base_layer().weight for layer in layers]
+    saved = [w.detach().clone() for w in weights]
+    with torch.no_grad():
+        for step in range(2):
+            for layer in layers:
+                layer.lora_B["default"].weight.normal_(0, 0.05)  # a trained adapter (B starts at zero)
+            want = model(input_ids=ids).logits
+            with method.eval_context(model, 1, 0):
+                assert all(layer.merged for layer in layers)
+                assert all(layer.get_base_layer().weight is not w for layer, w in zip(layers, weights))
+                got = model(input_ids=ids).logits
+            assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(want, base(input_ids=ids).logits, atol=1e-3)
+            assert not any(layer.merged for layer in layers)
+            assert all(layer.get_base_layer().weight is w for layer, w in zip(layers, weights))
+            assert all(torch.equal(w, s) for w, s in zip(weights, saved))
+
+
+def test_scoring_leaves_a_bf16_model_unfolded(tiny_model_and_tokenizer):
+    base, _ = tiny_model_and_tokenizer
+    method = build(compose_config(["method=seq_lora"]).method, "method")
+    model = method.setup(copy.deepcopy(base).to(torch.bfloat16))
+    with method.eval_context(model, 1, 0):
+        assert not any(layer.merged for layer in lora_layers(model).values())  # the sum would round a small delta away

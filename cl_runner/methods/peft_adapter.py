@@ -28,7 +28,7 @@ from peft import LoraConfig, get_peft_model
 
 from cl_runner.errors import UserError
 from cl_runner.methods.base import ContinualMethod
-from cl_runner.peft_utils import load_adapter, peft_config, save_adapter
+from cl_runner.peft_utils import FoldedLora, load_adapter, peft_config, save_adapter
 
 MODES = ("sequential", "per_task")
 INFERENCE = ("oracle", "ensemble", "merge")
@@ -55,6 +55,7 @@ class PeftAdapter(ContinualMethod):
         self.peft, self.mode, self.inference = peft, mode, inference
         self.current = 0
         self._merged_from = 0  # how many task adapters the merged adapter was built from
+        self.folded = FoldedLora()  # scoring with the adapter folded into the weights (CPU, fp32)
 
     def _check_merge(self, config) -> None:
         if not isinstance(config, LoraConfig):
@@ -101,11 +102,16 @@ class PeftAdapter(ContinualMethod):
         if tasks_learnt == 0 or (self.mode == "per_task" and self.inference == "oracle" and task_index >= tasks_learnt):
             return model.disable_adapter()
         if self.mode == "sequential":
-            return contextlib.nullcontext()
+            return self.folded.scoring(model)
         if self.inference == "merge":
             self._build_merged(model, tasks_learnt)
-            return self.using(model, MERGED)
-        return self.using(model, self.adapter_name(task_index))
+            return self._scoring_with(model, MERGED)
+        return self._scoring_with(model, self.adapter_name(task_index))
+
+    @contextlib.contextmanager
+    def _scoring_with(self, model, name: str):
+        with self.using(model, name), self.folded.scoring(model):
+            yield
 
     def eval_members(self, model, tasks_learnt: int, task_index: int):
         if self.inference != "ensemble" or tasks_learnt == 0:
