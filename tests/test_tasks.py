@@ -259,3 +259,44 @@ def test_trace_loads_its_eight_tasks_from_the_released_folders_with_their_metric
     assert by_name["trace_c_stance"].train[0].prompt.startswith("判断以下文本") and by_name["trace_py150"].train[0].target == "return a + b"
     with pytest.raises(UserError, match=r"task 'trace_c_stance': its data is not on the Hugging Face hub: set task_sequence.data_dir to a folder holding C-STANCE/train.json"):
         load_task_sequence(OmegaConf.to_container(compose_config(["task_sequence=trace"]).task_sequence, resolve=True))
+
+
+SAPT_ORDER_1 = ["task1572_samsum_summary", "task363_sst2_polarity_classification", "task1290_xsum_summarization", "task181_outcome_extraction",
+                "task002_quoref_answer_generation", "task1510_evalution_relation_extraction", "task639_multi_woz_user_utterance_generation",
+                "task1729_personachat_generate_next", "task073_commonsenseqa_answer_generation", "task1590_diplomacy_text_generation",
+                "task748_glucose_reverse_cause_event_detection", "task511_reddit_tifu_long_text_summarization", "task591_sciq_answer_generation",
+                "task1687_sentiment140_classification", "task875_emotion_classification"]
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_superni_orders_read_sapt_task_files_with_its_prompt(order):
+    """task_sequence=superni_order1|2: SAPT's 15 SuperNI task files (one JSON object: Definition, Instances),
+    in SAPT's orders, prompted zero-shot as SAPT's code does, scored by ROUGE-L."""
+    from cl_runner.config import compose_config
+
+    cfg = compose_config([f"task_sequence=superni_order{order}", f"task_sequence.data_dir={FIXTURES / 'superni'}"])
+    tasks, _ = load_task_sequence(OmegaConf.to_container(cfg.task_sequence, resolve=True))
+    names = [t.name for t in tasks]
+    assert sorted(names) == sorted(SAPT_ORDER_1) and len(set(names)) == 15
+    if order == 1:
+        assert names == SAPT_ORDER_1
+    else:
+        assert names[:3] == ["task748_glucose_reverse_cause_event_detection", "task073_commonsenseqa_answer_generation", "task1590_diplomacy_text_generation"]
+        assert names[-2:] == ["task1290_xsum_summarization", "task875_emotion_classification"]
+    assert {t.metric for t in tasks} == {"rouge_l"} and all(len(t.train) == 2 and len(t.test) == 2 for t in tasks)
+    by_name = {t.name: t for t in tasks}
+    samsum = by_name["task1572_samsum_summary"].test[1]
+    assert samsum.prompt == ("Definition: Do what task1572_samsum_summary asks.\n\nNow complete the following example -\n"
+                             "Input: Input 1 of the test split.\nOutput: ")
+    assert samsum.target == "reference 1 a"  # the first of the references
+    sst2 = by_name["task363_sst2_polarity_classification"].train[1]
+    assert sst2.target == "NEG" and sst2.prompt.startswith("Definition: Classify the sentence (task363_sst2_polarity_classification).\n\n")
+
+
+def test_a_records_field_file_that_is_not_an_object_of_records_is_one_line(tmp_path):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "train.json").write_text(json.dumps([{"input": "a", "output": "b"}]))
+    (tmp_path / "t" / "test.json").write_text(json.dumps([{"input": "a", "output": "b"}]))
+    spec = {"name": "t", "dataset_path": "local", "records_field": "Instances", "doc_to_text": "{{ input }}", "doc_to_target": "{{ output }}", "metric": "rouge_l"}
+    with pytest.raises(UserError, match=r"task 't': .*(train|test).json must be a JSON object with a list of records under 'Instances' \(records_field\)"):
+        load_task(spec, data_dir=str(tmp_path))

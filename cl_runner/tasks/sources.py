@@ -58,8 +58,10 @@ def _read_jsonl(path: Path, task_name: str, limit: int | None) -> list[Record]:
     return records
 
 
-def _read_json(path: Path, task_name: str, limit: int | None) -> list[Record]:
+def _read_json(path: Path, task_name: str, limit: int | None, records_field: str | None = None) -> list[Record]:
     text = path.read_text(encoding="utf-8")
+    if records_field is not None:
+        return _read_json_object(path, text, task_name, limit, records_field)
     if text.lstrip().startswith("["):  # a JSON array of records rather than JSON Lines
         try:
             docs = json.loads(text)
@@ -69,6 +71,23 @@ def _read_json(path: Path, task_name: str, limit: int | None) -> list[Record]:
             raise UserError(f"task '{task_name}': {path} must hold JSON objects (one per line, or an array of them)")
         return [(str(path), i + 1, d) for i, d in enumerate(docs[:limit] if limit is not None else docs)]
     return _read_jsonl(path, task_name, limit)
+
+
+def _read_json_object(path: Path, text: str, task_name: str, limit: int | None, records_field: str) -> list[Record]:
+    """A file holding one JSON object whose ``records_field`` lists the records (SuperNI's task files:
+    {"Definition": [...], "Instances": [...], ...}). Every other top-level key is given to each
+    record too (a record's own keys win), so a template can read the task's ``Definition``."""
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"task '{task_name}': {path} line {exc.lineno} is not valid JSON ({exc.msg})") from exc
+    if not isinstance(document, dict) or not isinstance(document.get(records_field), list):
+        raise UserError(f"task '{task_name}': {path} must be a JSON object with a list of records under '{records_field}' (records_field)")
+    shared = {k: v for k, v in document.items() if k != records_field}
+    docs = document[records_field][:limit] if limit is not None else document[records_field]
+    if not all(isinstance(d, dict) for d in docs):
+        raise UserError(f"task '{task_name}': {path}: every entry of '{records_field}' must be a JSON object")
+    return [(str(path), i + 1, {**shared, **d}) for i, d in enumerate(docs)]
 
 
 def _read_csv(path: Path, limit: int | None) -> list[Record]:
@@ -105,7 +124,7 @@ def _read_hub(task: Task, split: str, limit: int | None) -> list[Record]:
 def _read_local(task: Task, path: Path, limit: int | None) -> list[Record]:
     try:
         if task.dataset_path in ("json", "jsonl"):
-            return _read_json(path, task.name, limit)
+            return _read_json(path, task.name, limit, task.records_field)
         if task.dataset_path == "csv":
             return _read_csv(path, limit)
         return _read_parquet(path, limit)

@@ -61,6 +61,9 @@ class Task:
     # With task_sequence.data_dir: the folder of this task's local copy (default: the task's name).
     # dataset_path "local" marks data that is not on the hub and comes only from there.
     local_folder: str | None = None
+    # JSON files holding one object whose records_field lists the records (SuperNI: "Instances");
+    # its other keys (SuperNI's "Definition") are fields of every record.
+    records_field: str | None = None
     train_per_class: int | None = None
     eval_per_class: int | None = None
     generation_kwargs: dict[str, Any] = field(default_factory=lambda: {"max_new_tokens": 16})
