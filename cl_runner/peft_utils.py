@@ -97,7 +97,7 @@ class FoldedLora:
     """
 
     def __init__(self):
-        self._key: tuple | None = None
+        self._key: tuple[list, list] | None = None
         self._folded: list[tuple[torch.nn.Module, torch.nn.Parameter]] = []
 
     @staticmethod
@@ -106,7 +106,8 @@ class FoldedLora:
         for layer in layers:
             weight = layer.get_base_layer().weight
             active = [a for a in layer.active_adapters if a in layer.lora_A]
-            if weight.dtype != torch.float32 or weight.device.type != "cpu" or any(a in layer.lora_variant for a in active):
+            if (weight.dtype != torch.float32 or weight.device.type != "cpu" or any(a in layer.lora_variant for a in active)
+                    or any(layer.lora_bias.get(a) for a in active)):  # DoRA's and lora_bias's terms are not B·A
                 return []
         return layers
 
@@ -127,10 +128,12 @@ class FoldedLora:
         if not layers:
             yield
             return
-        key = tuple((id(t), t._version) for layer in layers for t in self._sources(layer))
-        if key != self._key:
+        sources = [t for layer in layers for t in self._sources(layer)]
+        if not self._current(sources):
             self._build(layers)
-            self._key = key
+            # The tensors themselves, not their ids (a freed adapter's id can come back), and their
+            # version counters, which every in-place change (an optimizer step, a copy_) bumps.
+            self._key = ([*sources, *(f for _, f in self._folded)], [t._version for t in sources] + [f._version for _, f in self._folded])
         originals = []
         for layer, folded in self._folded:
             base = layer.get_base_layer()
@@ -143,6 +146,17 @@ class FoldedLora:
             for layer, base, weight in originals:
                 base._parameters["weight"] = weight
                 layer.merged_adapters = []
+
+    def _current(self, sources: list[torch.Tensor]) -> bool:
+        if self._key is None:
+            return False
+        tensors, versions = self._key
+        now = [*sources, *(f for _, f in self._folded)]
+        return len(now) == len(tensors) and all(a is b for a, b in zip(now, tensors)) and [t._version for t in now] == versions
+
+    def invalidate(self) -> None:
+        """Forget the folded weights (after something replaced adapter weights without an in-place write)."""
+        self._key, self._folded = None, []
 
     @staticmethod
     def _sources(layer) -> list[torch.Tensor]:

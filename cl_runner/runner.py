@@ -46,7 +46,7 @@ from cl_runner.run_lock import RunLock
 from cl_runner.run_state import RunState, Row, result_settings
 from cl_runner.tasks import Task, load_task_sequence
 from cl_runner.training import TrainingLoop, check_trainer_config, require_setting
-from cl_runner.training.sharding import check_sharding
+from cl_runner.training.sharding import check_shardable, check_sharding
 from cl_runner.training.batching import input_batches
 from cl_runner.training.mid_task import MidTaskCheckpoint
 
@@ -142,7 +142,7 @@ class Experiment:
         self.task_names = [t.name for t in self.tasks]
         # Settings next: a bad method, replay or logger setting fails before the model is loaded.
         self.method = build(cfg.method, "method")
-        check_sharding(cfg.trainer.get("sharding", "none"), self.method)
+        check_sharding(cfg.trainer.get("sharding", "none"), self.method, cfg.trainer.precision)
         self.replay = build(cfg.replay, "replay")
         self.logger = build(cfg.logger, "logger") if world.is_main else NullLogger()
         self.suites = build_suites(self.config["eval"].get("suites"))
@@ -184,6 +184,8 @@ class Experiment:
         # not consume random numbers (a first run builds the cached model, later runs do not).
         seed_everything(self.cfg.seed)
         self.model = self.method.setup(model).to(self.device)
+        if self.cfg.trainer.get("sharding", "none") == "fsdp" and self.world.size > 1:
+            check_shardable(self.model)
         self.method.use_tokenizer(tokenizer)
         return tokenizer
 

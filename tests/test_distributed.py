@@ -18,6 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cl_runner.errors import UserError
+
 from conftest import DATA_PARALLEL as SETTINGS, REPO, SMOKE, run_cli, train_log
 
 
@@ -130,7 +132,9 @@ FSDP_METHODS = {"seq_lora": ["method.peft.lora_dropout=0.0"], "seq_ft": ["method
 
 
 def _fsdp_settings(method: str) -> list[str]:
-    return [*[s for s in SETTINGS if not s.startswith("method.peft")], *FSDP_METHODS[method], "task_sequence.tasks=[second_word,last_word]"]
+    # 33 examples: four global micro-batches of 8, then one of a single example, which leaves rank 1 without a share.
+    kept = [s for s in SETTINGS if not s.startswith(("method.peft", "task_sequence.train_size", "trainer.max_steps"))]
+    return [*kept, *FSDP_METHODS[method], "task_sequence.train_size=33", "trainer.max_steps=5", "task_sequence.tasks=[second_word,last_word]"]
 
 
 def _steps(run_dir: Path) -> list[dict]:
@@ -144,7 +148,8 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("method", sorted(FSDP_METHODS))
 def test_fsdp_shards_the_optimizer_state_and_follows_one_process(method, tmp_path):
     """trainer.sharding=fsdp on two gloo ranks at batch 4: each rank's optimizer steps half the trainable
-    elements, and the losses, every checkpoint's weights and the matrix match one process at batch 8."""
+    elements, and the losses, every checkpoint's weights and the matrix match one process at batch 8,
+    through a last micro-batch of one example (the rank without a share still runs the collectives)."""
     settings = _fsdp_settings(method)
     single = run_cli([*settings, "trainer.batch_size=8", "hydra.run.dir=single"], cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
@@ -157,11 +162,11 @@ def test_fsdp_shards_the_optimizer_state_and_follows_one_process(method, tmp_pat
         # FSDP pads each tensor's first dimension to a multiple of the rank count: about half, not exactly.
         assert task_two["optimizer_elements_per_rank"] <= 0.52 * task_two["trainable_parameters"]
     (events_one, losses_one), (events_two, losses_two) = train_log(one), train_log(two)
-    assert events_two == events_one and len(losses_one) == 2 * 4
+    assert events_two == events_one and len(losses_one) == 2 * 5
     assert losses_two == pytest.approx(losses_one, rel=1e-5)
     # Adam would hide a gradient scaled by the rank count (an average instead of the sum); the norm does not.
     norms_one, norms_two = ([e["grad_norm"] for e in _steps(d)] for d in (one, two))
-    assert norms_two == pytest.approx(norms_one, rel=1e-4) and len(norms_one) == 8
+    assert norms_two == pytest.approx(norms_one, rel=1e-4) and len(norms_one) == 10
     weights_one, weights_two = _weights(one), _weights(two)  # gathered back whole into the runner's model after each task
     assert weights_one.keys() == weights_two.keys() and weights_one
     for name, value in weights_one.items():
@@ -183,16 +188,31 @@ def test_fsdp_killed_inside_a_task_resumes_from_its_sharded_state(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     events = [json.loads(line) for line in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
     last_start = max(i for i, e in enumerate(events) if e["event"] == "start")
-    assert [e["step"] for e in events[last_start:] if e["event"] == "train_step"] == [3, 4]
+    assert [e["step"] for e in events[last_start:] if e["event"] == "train_step"] == [3, 4, 5]
     _, clean_losses = train_log(tmp_path / "clean")
-    assert [e["loss"] for e in events[last_start:] if e["event"] == "train_step"] == pytest.approx(clean_losses[-2:], rel=1e-6)
+    assert [e["loss"] for e in events[last_start:] if e["event"] == "train_step"] == pytest.approx(clean_losses[-3:], rel=1e-6)
     weights_clean, weights_resumed = _weights(tmp_path / "clean"), _weights(tmp_path / "killed")
     for name, value in weights_clean.items():
         assert torch.allclose(weights_resumed[name], value, atol=1e-6), name
 
 
-def test_fsdp_refuses_a_method_that_computes_gradients_outside_the_step(tmp_path):
-    result = run_cli([*SMOKE, "logger=none", "method=ewc", "trainer.sharding=fsdp", "hydra.run.dir=ewc"], cwd=tmp_path)
-    assert result.returncode != 0
-    assert "trainer.sharding=fsdp cannot train method EWC" in result.stderr and "consolidate" in result.stderr
-    assert not (tmp_path / "ewc" / "state.json").exists()
+@pytest.mark.parametrize("setting,message", [("method=ewc", "trainer.sharding=fsdp cannot train method EWC (its consolidate hook"),
+                                             ("trainer.precision=fp16", "trainer.sharding=fsdp cannot train in fp16")])
+def test_fsdp_refuses_what_it_cannot_train_before_anything_runs(setting, message, tmp_path):
+    result = run_cli([*SMOKE, "logger=none", setting, "trainer.sharding=fsdp", "hydra.run.dir=refused"], cwd=tmp_path)
+    assert result.returncode != 0 and message in result.stderr
+    assert not (tmp_path / "refused" / "state.json").exists()
+
+
+def test_fsdp_refuses_a_model_whose_modules_hang_in_two_places():
+    """Houlsby's adapters sit in their decoder layer and in model.houlsby_adapters: FSDP would shard them twice."""
+    from cl_runner.config import build
+    from cl_runner.models import load_model
+    from cl_runner.training.sharding import check_shardable
+    from conftest import compose_config
+
+    base, _ = load_model(compose_config(["model=tiny"]).model)
+    check_shardable(build(compose_config(["method=seq_lora"]).method, "method").setup(base))
+    base, _ = load_model(compose_config(["model=tiny"]).model)
+    with pytest.raises(UserError, match="cannot shard this model: module .* is also"):
+        check_shardable(build(compose_config(["method=houlsby"]).method, "method").setup(base))

@@ -458,3 +458,32 @@ def test_scoring_leaves_a_bf16_model_unfolded(tiny_model_and_tokenizer):
     model = method.setup(copy.deepcopy(base).to(torch.bfloat16))
     with method.eval_context(model, 1, 0):
         assert not any(layer.merged for layer in lora_layers(model).values())  # the sum would round a small delta away
+
+
+@pytest.mark.parametrize("overrides", [["method=seq_lora", "+method.peft.lora_bias=true"], ["method=per_task_lora"], ["method=lora_merge"]],
+                         ids=["lora_bias", "per_task_oracle", "lora_merge"])
+def test_folded_scoring_answers_as_the_unfolded_adapters_do(overrides, tiny_model_and_tokenizer, monkeypatch):
+    """Whatever adapter a row scores with (a task's own, the merge of those learnt so far, one with a
+    LoRA bias, which is not folded), the folded model's logits are the unfolded ones', row after row."""
+    import contextlib
+
+    base, tokenizer = tiny_model_and_tokenizer
+    ids = prompt_ids(tokenizer)
+    method = build(compose_config(overrides).method, "method")
+    model = method.setup(copy.deepcopy(base)).eval()
+    with torch.no_grad():
+        for task_index in range(3):
+            method.before_task(model, task_index, None)
+            model.eval()  # as scoring does (new adapters start in training mode)
+            fresh = f".{method.adapter_name(task_index)}."  # each adapter trained once: all carry the same version counters
+            for name, parameter in model.named_parameters():
+                if ("lora_B" in name or "lora_bias" in name) and fresh in name and (method.mode == "per_task" or task_index == 0):
+                    parameter.normal_(0, 0.05)
+            for row, task in [(task_index + 1, 0), (task_index + 1, task_index), (task_index + 1, 0)]:
+                with method.eval_context(model, row, task):
+                    got = model(input_ids=ids).logits
+                with monkeypatch.context() as patch:
+                    patch.setattr(method.folded, "scoring", lambda m: contextlib.nullcontext())
+                    with method.eval_context(model, row, task):
+                        want = model(input_ids=ids).logits
+                assert torch.allclose(got, want, atol=1e-5), (row, task)

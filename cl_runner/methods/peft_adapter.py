@@ -136,6 +136,7 @@ class PeftAdapter(ContinualMethod):
             return
         if MERGED in model.peft_config:
             model.delete_adapter(MERGED)
+        self.folded.invalidate()  # PEFT writes the merged weights through .data, which bumps no version counter
         names = [self.adapter_name(t) for t in range(tasks_learnt)]
         options = {"density": self.merge["density"]} if self.merge["density"] is not None else {}
         # DARE's random pruning draws from its own stream, seeded by the run (the last task's seed):
@@ -144,6 +145,9 @@ class PeftAdapter(ContinualMethod):
             torch.manual_seed(torch.initial_seed() + tasks_learnt)
             model.add_weighted_adapter(names, self.merge_weights(tasks_learnt), MERGED, combination_type=MERGE_METHODS[self.merge["method"]], **options)
         model.set_adapter(self.adapter_name(self.current))
+        # New modules start in training mode: the merged adapter's dropout would drop activations
+        # while it is scored (it is built here, inside scoring, after the model was put in eval mode).
+        model.train(model.training)
         self._merged_from = tasks_learnt
 
     def save_checkpoint(self, model, directory: Path, task_index: int) -> None:
@@ -158,3 +162,4 @@ class PeftAdapter(ContinualMethod):
             load_adapter(model, directories[task_index] / self.adapter_file(task_index), self.adapter_name(task_index))
         self._activate(model, last)
         self.current = last
+        self.folded.invalidate()

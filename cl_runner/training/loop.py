@@ -25,7 +25,7 @@ from cl_runner.training.loss import answer_token_loss, weighted_objective
 from cl_runner.distributed import World, broadcast_gradients, sum_gradients, sum_over_ranks
 from cl_runner.training.mid_task import MidTaskCheckpoint
 from cl_runner.training.precision import PRECISIONS, MasterWeights, autocast_context
-from cl_runner.training.sharding import local_numel, sharded_training, whole
+from cl_runner.training.sharding import gather_full, local_numel, sharded_training
 
 MixedBatch = tuple[list[TokenizedExample], list[TokenizedExample]]  # (current task, replayed)
 
@@ -87,7 +87,6 @@ class TrainingLoop:
         self.pad_token_id = pad_token_id
         self.on_step = on_step or (lambda record: None)
         self.world = world  # data parallelism: each rank trains on its share of every global micro-batch
-        self.sharding_now = False  # inside a sharded task FSDP reduces the gradients itself
 
     def _batches(self, examples: Sequence[TokenizedExample], rng: random.Random) -> list[list[TokenizedExample]]:
         lengths = [len(e.input_ids) for e in examples]
@@ -108,15 +107,21 @@ class TrainingLoop:
         return GradientProbe(model, parameters, self.pad_token_id, self.device, self.cfg.precision, self.cfg.batch_size,
                              self.cfg.get("batch_layout", "padded"), self.cfg.get("row_tokens", 1024))
 
-    def micro_step(self, model, method, current, replayed, weights: tuple[float, float], micro_batches_in_step: int, scaler, ranks_sharing: int = 1) -> float:
+    def micro_step(self, model, method, current, replayed, weights: tuple[float, float], micro_batches_in_step: int, scaler,
+                   ranks_sharing: int = 1, stand_in: TokenizedExample | None = None) -> float:
         """Forward and backward of one micro-batch; returns its contribution to the step's loss.
 
         ``ranks_sharing``: how many ranks got part of this micro-batch (each adds the
-        once-per-step terms, so each adds its share of them)."""
+        once-per-step terms, so each adds its share of them). A rank whose share is empty
+        skips the micro-batch, unless the model is sharded: then every rank must run the
+        layers' all-gathers and reduce-scatters, so it runs ``stand_in`` with weight zero."""
         examples = list(current) + list(replayed)
-        if not examples:  # this rank's share of a short last micro-batch
+        if not examples and stand_in is None:  # this rank's share of a short last micro-batch
             return 0.0
         per_example = [weights[0]] * len(current) + [weights[1]] * len(replayed)
+        standing_in = not examples
+        if standing_in:
+            examples, per_example = [stand_in], [0.0]
         batch = training_batch(model, examples, per_example, self.pad_token_id, self.cfg.get("batch_layout", "padded"), self.cfg.get("row_tokens", 1024))
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with autocast_context(self.cfg.precision, self.device):
@@ -126,23 +131,28 @@ class TrainingLoop:
             for term in (outputs.aux_loss, method.extra_loss(model, batch, outputs)):
                 if term is not None:
                     loss = loss + term / (micro_batches_in_step * ranks_sharing)
+            if standing_in:
+                loss = loss * 0.0  # in the graph, so the collectives run; adds nothing to any gradient
         scaler.scale(loss).backward()
         return float(loss.detach())
 
-    def accumulate(self, model, method, mixed: Sequence[MixedBatch], replay_share: float, scaler, masters: MasterWeights | None = None) -> float:
+    def accumulate(self, model, method, mixed: Sequence[MixedBatch], replay_share: float, scaler, masters: MasterWeights | None = None,
+                   sharded: bool = False) -> float:
         """Forward and backward of one optimizer step's micro-batches; returns the step's loss.
 
         The gradient is that of one batch holding all of them (token-weighted, see
-        ``step_token_weights``), summed in fp32 when the weights are not.
+        ``step_token_weights``), summed in fp32 when the weights are not. ``sharded``: FSDP
+        reduces the gradients itself, and every rank must run every micro-batch.
         """
         weights = step_token_weights(mixed, replay_share)  # over the global step, so every rank weighs tokens alike
         step_loss = 0.0
         for current, replayed in mixed:
             sharing = min(self.world.size, max(len(current), len(replayed)))  # a rank past both lists' ends gets nothing
-            step_loss += self.micro_step(model, method, self.world.share(current), self.world.share(replayed), weights, len(mixed), scaler, sharing)
+            stand_in = (list(current) + list(replayed))[0] if sharded else None
+            step_loss += self.micro_step(model, method, self.world.share(current), self.world.share(replayed), weights, len(mixed), scaler, sharing, stand_in)
             if masters is not None:
                 masters.gradients_to_master()
-        if masters is not None and not self.sharding_now:
+        if masters is not None and not sharded:
             sum_gradients(masters.parameters, self.world)
         return sum_over_ranks(step_loss, self.world)
 
@@ -157,13 +167,10 @@ class TrainingLoop:
         if self.cfg.get("sharding", "none") != "fsdp" or self.world.size == 1:
             return self._train(model, parameters, examples, method, replay, seed, task_name, checkpoint)
         with sharded_training(model, parameters) as (sharded, sharded_params):
-            self.sharding_now = True
-            try:
-                return self._train(sharded, sharded_params, examples, method, replay, seed, task_name, checkpoint)
-            finally:
-                self.sharding_now = False
+            return self._train(sharded, sharded_params, examples, method, replay, seed, task_name, checkpoint, sharded=True)
 
-    def _train(self, model, parameters, examples, method, replay, seed: int, task_name: str, checkpoint: MidTaskCheckpoint | None) -> dict:
+    def _train(self, model, parameters, examples, method, replay, seed: int, task_name: str, checkpoint: MidTaskCheckpoint | None,
+               sharded: bool = False) -> dict:
         cfg = self.cfg
         rng = random.Random(seed)
         torch.manual_seed(seed)  # dropout masks: a resumed task repeats an uninterrupted one exactly
@@ -191,7 +198,7 @@ class TrainingLoop:
             if step_index <= done:  # trained before the interruption; the data order is the same
                 continue
             mixed = [(micro, replay.sample(len(micro), rng)) for micro in step]
-            step_loss = self.accumulate(model, method, mixed, replay_share, scaler, masters)
+            step_loss = self.accumulate(model, method, mixed, replay_share, scaler, masters, sharded)
             tokens += sum(len(e.input_ids) for current, replayed in mixed for e in (*current, *replayed))
             scaler.unscale_(optimizer)
             if type(method).adjust_gradients is not ContinualMethod.adjust_gradients:
@@ -199,7 +206,7 @@ class TrainingLoop:
                 broadcast_gradients(masters.parameters, self.world)  # every rank steps with rank 0's adjusted gradient
             grad_norm = None
             if cfg.max_grad_norm:
-                grad_norm = float(whole(torch.nn.utils.clip_grad_norm_(masters.parameters, cfg.max_grad_norm)))  # before clipping
+                grad_norm = float(gather_full(torch.nn.utils.clip_grad_norm_(masters.parameters, cfg.max_grad_norm)))  # before clipping
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)

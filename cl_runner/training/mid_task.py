@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from cl_runner.atomic_io import write_file_atomic
-from cl_runner.training.sharding import copy_into, reshard_optimizer_state, whole
+from cl_runner.training.sharding import copy_into, gather_full, is_sharded, shard_optimizer_state
 
 log = logging.getLogger(__name__)
 
@@ -38,29 +38,36 @@ class MidTaskCheckpoint:
         return bool(self.every) and step % self.every == 0 and step < total_steps  # the last step ends the task anyway
 
     def save(self, step: int, tokens: int, seconds: float, masters, optimizer, schedule, scaler, rng: random.Random) -> None:
-        """Called on every rank (sharded weights are gathered for the file); only the writer writes."""
+        """Called on every rank; only the writer writes. Sharded weights and moments are gathered one
+        tensor at a time onto the writer's CPU (the other ranks take part and keep nothing)."""
+        sharded = any(is_sharded(p) for p in masters.parameters)
+        if not self.writer and not sharded:
+            return
+        parameters = [gather_full(p.detach(), self.writer, to_cpu=True) for p in masters.parameters]
+        optimizer_state = gather_full(optimizer.state_dict(), self.writer, to_cpu=True)
+        if not self.writer:
+            return
         state = {
             "task_index": self.task_index,
             "step": step,
             "tokens": tokens,
             "seconds": seconds,
-            "parameters": [whole(p.detach()).cpu().clone() for p in masters.parameters],
-            "optimizer": whole(optimizer.state_dict()),
+            "parameters": [p.clone() for p in parameters],  # a copy: on CPU .cpu() returns the live weights
+            "optimizer": optimizer_state,
             "schedule": schedule.state_dict(),
             "scaler": scaler.state_dict(),
             "python_rng": rng.getstate(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
-        if self.writer:
-            write_file_atomic(self.path, lambda tmp: _save_synced(state, tmp))
+        write_file_atomic(self.path, lambda tmp: _save_synced(state, tmp))
 
     def load(self) -> dict | None:
         """The saved state of this task, or None (no file, or one left by another task)."""
         if not self.path.exists():
             return None
         try:
-            state = torch.load(self.path, weights_only=True, map_location="cpu")
+            state = torch.load(self.path, weights_only=True, map_location="cpu", mmap=True)  # every rank reads it: mapped, not copied
         except Exception as exc:  # noqa: BLE001 - e.g. a file cut short by a crashed node: lose the steps, not the run
             log.warning("%s cannot be read (%s): the task starts over", self.path, exc)
             return None
@@ -75,8 +82,7 @@ class MidTaskCheckpoint:
             for master, value in zip(masters.parameters, saved):
                 copy_into(master, value)
         masters.master_to_model()
-        optimizer.load_state_dict(state["optimizer"])
-        reshard_optimizer_state(optimizer)
+        optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], optimizer))
         schedule.load_state_dict(state["schedule"])
         scaler.load_state_dict(state["scaler"])
         python_rng = state["python_rng"]
