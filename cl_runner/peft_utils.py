@@ -105,7 +105,7 @@ class FoldedLora:
         layers = [m for m in model.modules() if isinstance(m, LoraLinear) and m.active_adapters and not m.merged and not m.disable_adapters]
         for layer in layers:
             weight = layer.get_base_layer().weight
-            active = [a for a in layer.active_adapters if a in layer.lora_A]
+            active = FoldedLora._active(layer)
             if (weight.dtype != torch.float32 or weight.device.type != "cpu" or any(a in layer.lora_variant for a in active)
                     or any(layer.lora_bias.get(a) for a in active)):  # DoRA's and lora_bias's terms are not B·A
                 return []
@@ -116,9 +116,8 @@ class FoldedLora:
         with torch.no_grad():
             for layer in layers:
                 weight = layer.get_base_layer().weight.detach().clone()
-                for adapter in layer.active_adapters:
-                    if adapter in layer.lora_A:
-                        weight += layer.get_delta_weight(adapter)
+                for adapter in self._active(layer):
+                    weight += layer.get_delta_weight(adapter)
                 folded.append((layer, torch.nn.Parameter(weight, requires_grad=False)))
         self._folded = folded
 
@@ -139,7 +138,7 @@ class FoldedLora:
             base = layer.get_base_layer()
             originals.append((layer, base, base._parameters["weight"]))
             base._parameters["weight"] = folded
-            layer.merged_adapters = [a for a in layer.active_adapters if a in layer.lora_A]  # PEFT's forward: base layer only
+            layer.merged_adapters = self._active(layer)  # PEFT's forward: base layer only
         try:
             yield
         finally:
@@ -159,7 +158,12 @@ class FoldedLora:
         self._key, self._folded = None, []
 
     @staticmethod
+    def _active(layer) -> list[str]:
+        """The layer's active adapters that it holds a LoRA pair for (the ones its forward adds)."""
+        return [a for a in layer.active_adapters if a in layer.lora_A]
+
+    @staticmethod
     def _sources(layer) -> list[torch.Tensor]:
         """The tensors a layer's folded weight is computed from (their versions say when to rebuild)."""
-        active = [a for a in layer.active_adapters if a in layer.lora_A]
+        active = FoldedLora._active(layer)
         return [layer.get_base_layer().weight, *(layer.lora_A[a].weight for a in active), *(layer.lora_B[a].weight for a in active)]
