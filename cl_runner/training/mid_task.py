@@ -52,7 +52,8 @@ class MidTaskCheckpoint:
             "step": step,
             "tokens": tokens,
             "seconds": seconds,
-            "parameters": [p.clone() for p in parameters],  # a copy: on CPU .cpu() returns the live weights
+            # Gathered shards are fresh tensors; on CPU an unsharded .cpu() is the live weight itself: copy those only.
+            "parameters": parameters if sharded else [p.clone() for p in parameters],
             "optimizer": optimizer_state,
             "schedule": schedule.state_dict(),
             "scaler": scaler.state_dict(),
