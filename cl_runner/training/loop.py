@@ -148,7 +148,7 @@ class TrainingLoop:
         step_loss = 0.0
         for current, replayed in mixed:
             sharing = min(self.world.size, max(len(current), len(replayed)))  # a rank past both lists' ends gets nothing
-            stand_in = (list(current) + list(replayed))[0] if sharded else None
+            stand_in = (current or replayed)[0] if sharded else None
             step_loss += self.micro_step(model, method, self.world.share(current), self.world.share(replayed), weights, len(mixed), scaler, sharing, stand_in)
             if masters is not None:
                 masters.gradients_to_master()
