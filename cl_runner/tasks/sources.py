@@ -63,24 +63,25 @@ def _read_json(path: Path, task_name: str, limit: int | None, records_field: str
     if records_field is not None:
         return _read_json_object(path, text, task_name, limit, records_field)
     if text.lstrip().startswith("["):  # a JSON array of records rather than JSON Lines
-        try:
-            docs = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"task '{task_name}': {path} line {exc.lineno} is not valid JSON ({exc.msg})") from exc
+        docs = _parse_json(path, text, task_name)
         if not isinstance(docs, list) or not all(isinstance(d, dict) for d in docs):
             raise UserError(f"task '{task_name}': {path} must hold JSON objects (one per line, or an array of them)")
         return [(str(path), i + 1, d) for i, d in enumerate(docs[:limit] if limit is not None else docs)]
     return _read_jsonl(path, task_name, limit)
 
 
+def _parse_json(path: Path, text: str, task_name: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"task '{task_name}': {path} line {exc.lineno} is not valid JSON ({exc.msg})") from exc
+
+
 def _read_json_object(path: Path, text: str, task_name: str, limit: int | None, records_field: str) -> list[Record]:
     """A file holding one JSON object whose ``records_field`` lists the records (SuperNI's task files:
     {"Definition": [...], "Instances": [...], ...}). Every other top-level key is given to each
     record too (a record's own keys win), so a template can read the task's ``Definition``."""
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"task '{task_name}': {path} line {exc.lineno} is not valid JSON ({exc.msg})") from exc
+    document = _parse_json(path, text, task_name)
     if not isinstance(document, dict) or not isinstance(document.get(records_field), list):
         raise UserError(f"task '{task_name}': {path} must be a JSON object with a list of records under '{records_field}' (records_field)")
     shared = {k: v for k, v in document.items() if k != records_field}
