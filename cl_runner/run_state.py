@@ -44,9 +44,11 @@ def changed_settings(before: dict, now: dict) -> list[str]:
     """The keys whose values differ. A key that is unset (null, or an empty list or mapping) is
     the same as one that is absent: a setting added to cl-runner later, off by default (say
     ``rollback: []``), or a config group that sets nothing (``eval.suites: {}``) does not make
-    an older run directory another experiment."""
+    an older run directory another experiment. Nor does a key stored by an older cl-runner that
+    has since become resume-safe (``trainer.sharding``)."""
     unset = (None, [], {})
-    return sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and not (before.get(k) in unset and now.get(k) in unset))
+    keys = {k for k in set(before) | set(now) if not is_resume_safe(k)}
+    return sorted(k for k in keys if before.get(k) != now.get(k) and not (before.get(k) in unset and now.get(k) in unset))
 
 
 @dataclass

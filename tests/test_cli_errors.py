@@ -102,6 +102,8 @@ def test_an_unset_setting_equals_an_absent_one_but_a_value_does_not():
     assert changed_settings(before, {"trainer.lr": 0.002, "rollback": ["a"]}) == ["rollback"]
     assert changed_settings(before, {"trainer.lr": 0.002, "rollback": None, "eval.suites.x.size": 4}) == ["eval.suites.x.size"]
     assert changed_settings({"trainer.max_steps": 0}, {"trainer.max_steps": None}) == ["trainer.max_steps"]  # 0 is a value
+    # stored before trainer.sharding became resume-safe: a run directory of then resumes now
+    assert changed_settings({"trainer.lr": 0.002, "trainer.sharding": "none"}, {"trainer.lr": 0.002}) == []
 
 
 def test_custom_files_sequence_runs_on_user_data(tmp_path):
