@@ -4,6 +4,8 @@ Training and evaluation share every decision here, so that what is scored is wha
 
 - the target of an answer is tokenized *in context* and ends with the template's end-of-turn
   marker (``answer_ids``); choice scoring uses exactly these tokens for every choice;
+- a document of a text task (continual pre-training) is raw text, no template: it follows a
+  document-start token and is cut into windows of ``max_length`` tokens (``document_windows``);
 - an over-long prompt is cut in the middle of the user content (``prompt_ids``), keeping BOS,
   the system prompt, the template's header and the start and end of the instruction, with
   the same budget in training and evaluation: ``max_length`` minus the longest answer the
@@ -152,3 +154,24 @@ class PromptFormatter:
         prompt = self.encode_prompt(example)
         return ChoiceRequest(prompt, [self.answer_ids(example.prompt, c) for c in example.choices])
 
+
+
+def document_start_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token a document follows: the tokenizer's BOS where it adds one (Llama), else its EOS,
+    as in packed pre-training data where each document comes after the previous one's end."""
+    added = tokenizer("", add_special_tokens=True)["input_ids"]
+    start = added[0] if added else tokenizer.eos_token_id
+    if start is None:
+        raise UserError("the tokenizer has neither a BOS token it adds nor an EOS token to start a document with")
+    return start
+
+
+def document_windows(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) -> list[TokenizedExample]:
+    """A document as consecutive windows, each the start token then up to ``max_length - 1`` of the
+    document's tokens, labelled on every document token: the language-modelling loss of training
+    and the token log-likelihoods of perplexity. Windows do not overlap: a window's first tokens
+    are predicted without the previous window as context (the usual fixed-length evaluation)."""
+    start = document_start_id(tokenizer)
+    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+    width = max(1, max_length - 1)
+    return [TokenizedExample([start, *tokens[i : i + width]], [IGNORE_INDEX, *tokens[i : i + width]]) for i in range(0, len(tokens), width)]

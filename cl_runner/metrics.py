@@ -69,16 +69,41 @@ def forgetting(R: Matrix) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def all_metrics(R: Matrix, general: Sequence[float] | None = None) -> dict:
-    """Every summary metric of a run, as stored in ``results.json["metrics"]``."""
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def temporal_split(R: Matrix) -> dict:
+    """TiC-LM's split of the rows after training (row 0, the base model, is left out) by where an
+    evaluated task lies in time against the last one learnt: ``in_distribution`` averages the
+    diagonal (the task just learnt), ``backward`` the tasks learnt before it (lower triangle),
+    ``forward`` the tasks still to come (upper triangle). In the task metric's own units."""
+    T = _check(R)
+    return {
+        "in_distribution": _mean([R[t][t - 1] for t in range(1, T + 1)]),
+        "backward": _mean([R[t][i] for t in range(1, T + 1) for i in range(t - 1)]),
+        "forward": _mean([R[t][i] for t in range(1, T + 1) for i in range(t, T)]),
+    }
+
+
+def all_metrics(R: Matrix, general: Sequence[float] | None = None, lower_is_better: bool = False) -> dict:
+    """Every summary metric of a run, as stored in ``results.json["metrics"]``.
+
+    With ``lower_is_better`` (perplexity), the transfer metrics are computed on -R, so that their
+    sign means what it means for accuracy: BWT < 0 and forgetting > 0 when old tasks got worse,
+    FWT > 0 when learning helped tasks still to come. The means (acc, avg_acc, new_acc) stay in
+    the metric's own units.
+    """
+    signed = [[-v for v in row] for row in R] if lower_is_better else R
     metrics = {
         "acc": final_accuracy(R),
         "avg_acc": average_accuracy(R),
-        "bwt": backward_transfer(R),
-        "fwt": forward_transfer(R),
-        "forgetting": forgetting(R),
-        "per_task_forgetting": per_task_forgetting(R),
+        "bwt": backward_transfer(signed),
+        "fwt": forward_transfer(signed),
+        "forgetting": forgetting(signed),
+        "per_task_forgetting": per_task_forgetting(signed),
         "new_acc": new_task_accuracy(R),
+        "temporal": temporal_split(R),
     }
     if general:
         metrics["general_base"] = general[0]

@@ -7,7 +7,8 @@ from pathlib import Path
 from cl_runner.atomic_io import write_file_atomic
 
 
-def plot_heatmap(task_names, acc_matrix, path: Path, title: str = "") -> Path:
+def plot_heatmap(task_names, acc_matrix, path: Path, title: str = "", lower_is_better: bool = False) -> Path:
+    """Scores in [0, 1] on a fixed scale; others (perplexity) on their own range, the better end bright either way."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -15,12 +16,16 @@ def plot_heatmap(task_names, acc_matrix, path: Path, title: str = "") -> Path:
 
     rows = ["base"] + [f"after {name}" for name in task_names]
     fig, ax = plt.subplots(figsize=(1.4 * len(task_names) + 2.5, 0.6 * len(rows) + 1.5))
-    image = ax.imshow(acc_matrix, vmin=0.0, vmax=1.0, cmap="viridis")
+    values = [v for row in acc_matrix for v in row]
+    low, high = (0.0, 1.0) if 0.0 <= min(values) and max(values) <= 1.0 else (min(values), max(values))
+    image = ax.imshow(acc_matrix, vmin=low, vmax=high, cmap="viridis_r" if lower_is_better else "viridis")
     ax.set_xticks(range(len(task_names)), labels=task_names, rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), labels=rows)
     for r, row in enumerate(acc_matrix):
         for c, value in enumerate(row):
-            ax.text(c, r, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=9)
+            brightness = (value - low) / ((high - low) or 1.0)
+            dark = brightness > 0.4 if lower_is_better else brightness < 0.6
+            ax.text(c, r, f"{value:.2f}", ha="center", va="center", color="white" if dark else "black", fontsize=9)
     ax.set_xlabel("evaluated task")
     ax.set_title(title or "accuracy matrix R[t][i]")
     fig.colorbar(image, ax=ax, fraction=0.046)

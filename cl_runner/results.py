@@ -9,7 +9,7 @@ from cl_runner.resources import resource_summary
 
 
 def build_results(task_names, acc_matrix, general, timing, train_stats, config, task_scores=None, invocations=None, method_reports=None, fluency=None,
-                  abilities=None) -> dict:
+                  abilities=None, lower_is_better: bool = False) -> dict:
     """``acc_matrix[t][i]`` holds task i's own metric; ``task_scores[t][i]`` every score it has (``acc`` and ``acc_norm``).
 
     ``versions`` and ``git`` describe the invocation that finished the run; ``invocations``
@@ -21,8 +21,10 @@ def build_results(task_names, acc_matrix, general, timing, train_stats, config, 
         "acc_matrix": acc_matrix,
         "task_scores": task_scores or [],
         "method_reports": list(method_reports or []),
-        "metrics": all_metrics(acc_matrix, general or None),
-        "metric_notes": "row 0 = base model, row t = after task t; acc_matrix holds each task's own metric, task_scores all of them; BWT and FWT in the GEM form (divide by T-1)",
+        "metrics": all_metrics(acc_matrix, general or None, lower_is_better),
+        "metric_notes": "row 0 = base model, row t = after task t; acc_matrix holds each task's own metric, task_scores all of them; BWT and FWT in the GEM form (divide by T-1)"
+                        + ("; lower is better (perplexity): BWT, FWT and forgetting are computed on -R, so BWT < 0 still means forgetting" if lower_is_better else ""),
+        "higher_is_better": not lower_is_better,
         "general": general,
         "fluency": list(fluency or []),  # ROME's generation entropy per row (sequences with edit tasks that set it)
         "abilities": ability_scores,  # {suite: {score: [per row]}}: the eval.suites

@@ -34,7 +34,7 @@ from cl_runner.evaluation import CHOICE_METRICS, evaluate_task, evaluate_tasks
 from cl_runner.evaluation.fluency import fluency_settings, generation_fluency
 from cl_runner.evaluation.generation import use_decoded
 from cl_runner.evaluation.suites import build_suites, decode_for_row, generation_requests, score_suite, scores_row, setup_suite
-from cl_runner.formatting import PromptFormatter
+from cl_runner.formatting import PromptFormatter, document_windows
 from cl_runner.loggers import NullLogger
 from cl_runner.models import load_model, resolve_device
 from cl_runner.atomic_io import write_json_atomic
@@ -45,6 +45,7 @@ from cl_runner.results import build_results
 from cl_runner.run_lock import RunLock
 from cl_runner.run_state import RunState, Row, result_settings
 from cl_runner.tasks import Task, load_task_sequence
+from cl_runner.tasks.spec import LOWER_IS_BETTER
 from cl_runner.training import TrainingLoop, check_trainer_config, require_setting
 from cl_runner.training.sharding import check_shardable, check_sharding
 from cl_runner.training.batching import input_batches
@@ -159,6 +160,11 @@ class Experiment:
         self.timing: dict = {}
         self._encoded: dict[str, list] = {}
 
+    @property
+    def lower_is_better(self) -> bool:
+        """The sequence's tasks are scored by perplexity (load_task_sequence refuses a mix)."""
+        return any(task.metric in LOWER_IS_BETTER for task in self.tasks)
+
     def _check_rollback(self) -> None:
         names = list(self.cfg.get("rollback") or [])
         unknown = [n for n in names if n not in self.task_names]
@@ -172,9 +178,14 @@ class Experiment:
 
     def _encode(self, task: Task) -> list:
         if task.name not in self._encoded:
-            formatter = self.raw_formatter if task.type == "edit" else self.formatter
-            self._encoded[task.name] = [formatter.encode_example(e, task.answer_reserve) for e in task.train]
+            self._encoded[task.name] = self._training_examples(task)
         return self._encoded[task.name]
+
+    def _training_examples(self, task: Task) -> list:
+        if task.type == "text":  # documents: the language-modelling loss on every token, window by window
+            return [w for e in task.train for w in document_windows(self.formatter.tokenizer, e.target, self.cfg.trainer.max_length)]
+        formatter = self.raw_formatter if task.type == "edit" else self.formatter  # edits complete raw text
+        return [formatter.encode_example(e, task.answer_reserve) for e in task.train]
 
     def _build_model(self):
         """The base model with the method set up on it (as before the first task); returns the tokenizer."""
@@ -287,7 +298,8 @@ class Experiment:
         # draws (a new adapter's initialisation in before_task, dropout, data order).
         seed_everything(self.task_seed(t))
         examples = self._encode(task)
-        task.input_batches = lambda prompts_only=False: input_batches(examples, self.cfg.eval.batch_size, self.device, prompts_only)
+        # A text task has no prompt: what the model is given (CoLoR's prototypes, the router at test time) is the document.
+        task.input_batches = lambda prompts_only=False: input_batches(examples, self.cfg.eval.batch_size, self.device, prompts_only and task.type != "text")
         trained: dict = {}
 
         def train(task_indices: list[int] | str | None = None) -> dict:
@@ -413,13 +425,15 @@ class Experiment:
         results = build_results(
             self.task_names, self.state.acc_matrix, self.state.general, self.timing, self.state.train_stats, self.config,
             self.state.task_scores, self.state.invocations, self.state.method_reports, self.state.fluency, self.state.abilities,
+            lower_is_better=self.lower_is_better,
         )
         if rolled_back is not None:
             results["rollback"] = rolled_back
         if not self.world.is_main:
             return results
         write_json_atomic(self.run_dir / "results.json", results)
-        heatmap = plot_heatmap(self.task_names, self.state.acc_matrix, self.run_dir / "acc_matrix.png", title=f"{self.cfg.method.name}: R[t][i]")
+        heatmap = plot_heatmap(self.task_names, self.state.acc_matrix, self.run_dir / "acc_matrix.png", title=f"{self.cfg.method.name}: R[t][i]",
+                               lower_is_better=self.lower_is_better)
         if results["abilities"]:
             plot_abilities(self.task_names, results["abilities"], {name: suite.headline for name, suite in self.suites.items()}, self.run_dir / "abilities.png")
         self.logger.log_results(results, heatmap, step=self.events.lines)

@@ -2,7 +2,8 @@
 
 - ``loglikelihood``: multiple choice, ranked by log-likelihood (``acc``, ``acc_norm``);
 - ``generation`` + ``text_metrics``: greedy generation scored by ``exact_match``, ``contains``
-  or ``rouge_l``.
+  or ``rouge_l``;
+- ``perplexity``: held-out documents of text tasks (``perplexity``, ``log_perplexity``).
 
 ``evaluate_task`` returns every score the task's kind yields; the task's ``metric`` names the
 one that goes into the accuracy matrix.
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 
 from cl_runner.evaluation.generation import generate
 from cl_runner.evaluation.loglikelihood import choice_loglikelihoods, choice_metrics
+from cl_runner.evaluation.perplexity import perplexity_scores
 from cl_runner.evaluation.text_metrics import GENERATION_METRICS
 from cl_runner.formatting import PromptFormatter
 from cl_runner.tasks import Task
@@ -32,7 +34,7 @@ Member = Callable[[], AbstractContextManager]
 def evaluate_task(model, formatter: PromptFormatter, task: Task, batch_size: int, device, members: Sequence[Member] = (nullcontext,),
                   router: Callable[[Callable[[], Iterator[dict]]], list[int] | None] | None = None,
                   generation_batch_size: int | None = None) -> dict[str, float]:
-    """The task's scores on its test split, each in [0, 1]: ``{"acc": .., "acc_norm": ..}`` or ``{metric: ..}``.
+    """The task's scores on its test split: ``{"acc": .., "acc_norm": ..}`` or ``{metric: ..}`` in [0, 1]; a text task's perplexities.
 
     ``batch_size`` items are scored per forward pass, ``generation_batch_size`` (default: the
     same) prompts decoded together.
@@ -49,6 +51,8 @@ def evaluate_task(model, formatter: PromptFormatter, task: Task, batch_size: int
     was_training = model.training
     model.eval()
     try:
+        if task.type == "text":
+            return perplexity_scores(model, formatter, task, batch_size, device, members, router, _answers)
         routes = None
         if router is not None:
             prompts = [formatter.encode_prompt(e, task.answer_reserve) for e in task.test]

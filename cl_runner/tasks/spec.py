@@ -31,7 +31,11 @@ TASK_DIR_NAMES = {"builtin": BUILTIN_TASK_DIR, "benchmarks": BENCHMARK_TASK_DIR}
 METRICS = ("acc", "acc_norm", "exact_match", "contains", "rouge_l", "edit_similarity", "sari")
 # Knowledge-edit tasks (type: edit) put one of CounterFact's scores into the accuracy matrix.
 EDIT_METRICS = ("efficacy", "paraphrase", "neighborhood", "edit_score")
-TASK_TYPES = ("qa", "edit")
+# Language-modelling tasks (type: text) score held-out documents by perplexity (e^nats per
+# token) or its log (nats per token): lower is better (cl_runner/evaluation/perplexity.py).
+TEXT_METRICS = ("perplexity", "log_perplexity")
+LOWER_IS_BETTER = frozenset(TEXT_METRICS)
+TASK_TYPES = ("qa", "edit", "text")
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,9 @@ class Task:
     # split; the first train_size of them form the task (or, with edit_batch_size, consecutive
     # tasks of that many requests each). An editor writes them into the weights; a trained
     # method learns rewrite prompt -> target_new (train = test = those pairs, raw text).
+    # type: text is continual pre-training: each record is a document (doc_to_target renders it,
+    # there is no prompt), trained on with the language-modelling loss on every token and scored
+    # by perplexity (a metric of TEXT_METRICS) on the test split's documents.
     type: str = "qa"
     edit_schema: str = "counterfact"
     edit_batch_size: int | None = None
@@ -96,7 +103,7 @@ class Task:
     @property
     def answer_reserve(self) -> int:
         """Tokens a prompt leaves free for a generated answer (0 when choices are scored instead)."""
-        return 0 if self.metric in ("acc", "acc_norm") or self.type == "edit" else int(self.generation_kwargs.get("max_new_tokens", 16))
+        return 0 if self.metric in ("acc", "acc_norm") or self.type in ("edit", "text") else int(self.generation_kwargs.get("max_new_tokens", 16))
 
     def fingerprint(self) -> dict[str, str]:
         """A hash of each split's examples as the model sees them: a rerun on other data is caught by comparing these."""
@@ -182,6 +189,8 @@ def find_task_file(name: str, task_dirs: list[str]) -> Path:
 
 def _renderer(template: str, task_name: str, key: str):
     """Compile a Jinja template; a bare field name (no braces) selects that field."""
+    if not template:  # a text task's documents have no prompt
+        return lambda **_: ""
     source = template if "{{" in template or "{%" in template else "{{ " + template + " }}"
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     try:
@@ -218,6 +227,8 @@ def _render_split(task: Task, split: str, records: list[tuple[str, int, dict]]) 
         except (jinja2.TemplateError, TypeError, ValueError) as exc:
             raise UserError(f"{where}: the task's templates fail on this record ({type(exc).__name__}: {exc})") from exc
         if not example.target:
+            if task.type == "text":  # an empty document has no tokens to learn or score
+                continue
             raise UserError(f"{where}: empty target")
         if example.choices is not None and example.target not in example.choices:
             raise UserError(
@@ -240,7 +251,7 @@ def load_task(spec: str | dict, task_dirs: list[str] | None = None, size_overrid
     if unknown:
         key = sorted(unknown)[0]
         raise UserError(f"task '{name}': unknown key '{key}'{_did_you_mean(key, _TASK_KEYS)}")
-    required = {"name", "dataset_path"} | ({"doc_to_text", "doc_to_target"} if raw.get("type", "qa") != "edit" else set())
+    required = {"name", "dataset_path"} | {"qa": {"doc_to_text", "doc_to_target"}, "text": {"doc_to_target"}}.get(raw.get("type", "qa"), set())
     missing = required - set(raw)
     if missing:
         raise UserError(f"task '{name}': missing required key(s) {sorted(missing)}")
@@ -250,15 +261,19 @@ def load_task(spec: str | dict, task_dirs: list[str] | None = None, size_overrid
                         f"{raw.get('local_folder') or name}/train.json and test.json (see the task's description)")
     if data_dir and raw.get("dataset_path") not in ("json", "jsonl", "csv", "parquet"):
         raw = use_local_copy(raw, data_dir)
-    if raw.get("type") == "edit":
+    if raw.get("type") in ("edit", "text"):
         raw.setdefault("doc_to_text", "")
         raw.setdefault("doc_to_target", "")
+    if raw.get("type") == "text":
+        raw.setdefault("metric", "perplexity")
     task = Task(**raw)
     if task.type not in TASK_TYPES:
         raise UserError(f"task '{task.name}': type must be one of {list(TASK_TYPES)}, got {task.type!r}")
     if task.type == "edit":
         return _load_edit_task(task)
-    if task.metric not in METRICS:
+    if task.type == "text" and task.metric not in TEXT_METRICS:
+        raise UserError(f"task '{task.name}': a text task's metric is one of {list(TEXT_METRICS)}, got '{task.metric}'")
+    if task.type == "qa" and task.metric not in METRICS:
         raise UserError(f"task '{task.name}': unknown metric '{task.metric}'{_did_you_mean(task.metric, set(METRICS))}; use one of {list(METRICS)}")
     if task.metric in ("acc", "acc_norm") and task.doc_to_choice is None:
         raise UserError(f"task '{task.name}': metric '{task.metric}' ranks choices, so the task needs doc_to_choice")
@@ -308,6 +323,8 @@ def use_local_copy(raw: dict, data_dir: str) -> dict:
 
     files = {split: split_file(split) for split in ("train", "test")}
     kwargs = {k: v for k, v in (raw.get("dataset_kwargs") or {}).items() if k != "data_files"}
+    # A copy has its own test split: a hub split held out with test_size is not drawn again from it.
+    raw = {k: v for k, v in raw.items() if k != "test_size"}
     return {**raw, "dataset_path": "json", "dataset_name": None, "training_split": "train", "test_split": "test",
             "dataset_kwargs": {**kwargs, "data_files": files}}
 
@@ -355,9 +372,11 @@ def edit_batches(task: Task) -> list[Task]:
 
 
 def _one_file_for_both_splits(task: Task) -> bool:
-    """True when training and test records would come from the same local file."""
+    """True when training and test records would come from the same split or local file."""
     if not task.training_split or not isinstance(task.dataset_kwargs, dict):
         return False
+    if task.training_split == task.test_split:  # a hub dataset with a single split (RealTimeData's monthly news)
+        return True
     files = task.dataset_kwargs.get("data_files")
     if isinstance(files, str):
         return True
@@ -401,6 +420,11 @@ def load_task_sequence(cfg: dict) -> tuple[list[Task], Task | None]:
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise UserError(f"task_sequence has duplicate task names {names}: give each task a distinct name")
+    directions = {t.metric in LOWER_IS_BETTER for t in tasks}
+    if len(directions) > 1:
+        raise UserError(f"task_sequence mixes lower-is-better metrics ({sorted(LOWER_IS_BETTER)}) with higher-is-better ones "
+                        f"({ {t.name: t.metric for t in tasks} }): the matrix's metrics (BWT, forgetting) need one direction; "
+                        "run them as two sequences")
     probe = None
     if cfg.get("general_probe"):
         probe = load_task(cfg["general_probe"], task_dirs, {"eval_size": cfg.get("probe_size")})
