@@ -205,6 +205,10 @@ def markdown_table(records: Sequence[RunRecord], columns: Sequence[Column] = COL
     lines = []
     if shared:
         lines.append("Shared: `" + " ".join(f"{k}={v}" for k, v in shared.items()) + "`\n")
+    lower = [g.name for g in groups if g.members[0].results.get("higher_is_better", True) is False]
+    if lower:
+        lines.append("Lower is better for the task scores (perplexity) of " + ", ".join(f"`{n}`" for n in lower)
+                     + ": acc and new-task acc are in its units; BWT < 0 and forgetting > 0 still mean forgetting.\n")
     lines.append("| run | " + group_over + "s | " + " | ".join(c.title for c in columns) + " |")
     lines.append("|---" * (len(columns) + 2) + "|")
     for group in groups:

@@ -50,6 +50,10 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _lower_is_better(group: Group) -> bool:
+    return group.members[0].results.get("higher_is_better", True) is False
+
+
 def plot_curves(group: Group, path: Path) -> Path:
     plt = _pyplot()
     tasks = group.members[0].results["tasks"]
@@ -65,8 +69,11 @@ def plot_curves(group: Group, path: Path) -> Path:
         ax.axvline(i + 1, color=line.get_color(), linestyle=":", linewidth=0.8)  # where the task was learnt
     ax.set_xticks(list(steps), labels=["base", *tasks], rotation=30, ha="right")
     ax.set_xlabel("after learning")
-    ax.set_ylabel("score")
-    ax.set_ylim(-0.02, 1.02)
+    if _lower_is_better(group):  # perplexities: their own range
+        ax.set_ylabel("score (lower is better)")
+    else:
+        ax.set_ylabel("score")
+        ax.set_ylim(-0.02, 1.02)
     ax.set_title(f"{group.name} (seeds {group.seeds})")
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -79,7 +86,7 @@ def plot_forgetting(groups: Sequence[Group], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(1.2 * len(tasks) * max(1, len(groups) / 3) + 3, 4))
     width = 0.8 / len(groups)
     for g, group in enumerate(groups):
-        per_run = [per_task_forgetting(m.results["acc_matrix"]) for m in group.members]
+        per_run = [m.results["metrics"].get("per_task_forgetting") or per_task_forgetting(m.results["acc_matrix"]) for m in group.members]  # stored: signed for the metric's direction
         means = [statistics.fmean(values) for values in zip(*per_run)]
         ax.bar([i + g * width for i in range(len(tasks))], means, width, label=group.name)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], labels=tasks, rotation=30, ha="right")
@@ -119,7 +126,8 @@ def write_plots(records: Sequence[RunRecord], folder: Path, group_over: str = "s
         if any(m.results["tasks"] != tasks for m in group.members):
             continue  # seeds of one row over different tasks: no common matrix to average
         name = slug(group.name)
-        written.append(plot_heatmap(tasks, mean_matrix(group), folder / f"{name}_matrix.png", title=f"{group.name}: mean R[t][i] (seeds {group.seeds})"))
+        written.append(plot_heatmap(tasks, mean_matrix(group), folder / f"{name}_matrix.png", title=f"{group.name}: mean R[t][i] (seeds {group.seeds})",
+                                    lower_is_better=_lower_is_better(group)))
         written.append(plot_curves(group, folder / f"{name}_curves.png"))
         by_tasks.setdefault(tuple(tasks), []).append(group)
     for index, same_tasks in enumerate(by_tasks.values()):

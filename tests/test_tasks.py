@@ -150,10 +150,10 @@ def one_file_task(tmp_path, **overrides):
 
 
 def test_one_file_for_both_splits_is_refused_without_a_split_rule(tmp_path):
-    with pytest.raises(UserError, match="one data file serves both the train and test splits, so the test set would equal the training set; set test_size"):
+    with pytest.raises(UserError, match="one data file or split serves both the train and test splits, so the test set would equal the training set; set test_size"):
         load_task(one_file_task(tmp_path))
     same = str(tmp_path / "all.jsonl")  # the same file named twice is the same case
-    with pytest.raises(UserError, match="one data file serves both"):
+    with pytest.raises(UserError, match="one data file or split serves both"):
         load_task(inline_task(tmp_path, dataset_kwargs={"data_files": {"train": same, "test": same}}))
 
 

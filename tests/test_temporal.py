@@ -53,14 +53,26 @@ def test_perplexity_pools_the_token_losses_of_every_window(tiny_model_and_tokeni
 
 
 def test_tic_news_reads_a_local_copy_of_each_month_in_the_hub_schema():
+    """<data_dir>/<YYYY-MM>/train.jsonl is the month's one split: the same fifth is held out as on the hub,
+    and articles without text (empty, or a null content) are skipped."""
     cfg = compose_config(["task_sequence=tic_news", f"task_sequence.data_dir={FIXTURES}"])
     tasks, probe = load_task_sequence(OmegaConf.to_container(cfg.task_sequence, resolve=True))
     assert [t.name for t in tasks] == [f"news_{y}" for y in YEARS]
-    assert {(t.type, t.metric) for t in tasks} == {("text", "perplexity")} and probe.name == "general_probe"
+    assert {(t.type, t.metric) for t in tasks} == {("text", "log_perplexity")} and probe.name == "general_probe"
     first = tasks[0]
-    assert len(first.train) == 3 and len(first.test) == 2  # the fixture's empty article is skipped
-    assert {e.prompt for e in first.train} == {""}
-    assert first.test[1].target.startswith("Article 1 of the test split, January 2017.")
+    documents = [e.target for e in first.train + first.test]
+    assert len(documents) == 10 and all(d.startswith("Article ") and "January 2017" in d for d in documents)
+    assert len(first.test) == 2 and {e.prompt for e in first.train} == {""}
+    assert len(tasks[1].test) == 2 and len(tasks[1].train) == 8  # round(0.2 x 10) held out
+    assert len(load_task("news_2017", ["benchmarks"], {"train_size": 8}, str(FIXTURES)).train) == 8  # 8 articles with text, not 8 records
+
+
+def test_a_text_split_with_no_document_is_one_line(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": "  "}) + "\n")
+    with pytest.raises(UserError, match=r"task 'docs': split '(train|test)' has no document with text \(2 records, every one empty\)"):
+        load_task({"name": "docs", "type": "text", "dataset_path": "json", "dataset_kwargs": {"data_files": str(path)}, "doc_to_target": "text",
+                   "test_equals_train": True})
 
 
 def test_a_month_from_the_hub_holds_out_a_seeded_fifth_of_its_one_split(monkeypatch):
@@ -80,7 +92,7 @@ def test_a_month_from_the_hub_holds_out_a_seeded_fifth_of_its_one_split(monkeypa
     held_out = {e.target for e in task.test}
     assert len(held_out) == 2 and len(task.train) == 8 and not held_out & {e.target for e in task.train}
     assert held_out == {e.target for e in load_task("news_2019", ["benchmarks"]).test}  # the same fifth every time
-    with pytest.raises(UserError, match="one data file serves both the train and test splits"):
+    with pytest.raises(UserError, match="one data file or split serves both the train and test splits"):
         load_task({"include": "news_2019", "test_size": None}, ["benchmarks"])
 
 
@@ -100,7 +112,7 @@ def test_a_temporal_run_learns_each_period_and_reports_the_split(tmp_path, tiny_
     the documents, training on a month lowers its perplexity, and results.json carries the matrix in
     perplexities, the direction, TiC-LM's split and each task's log perplexity."""
     run_dir = tmp_path / "run"
-    result = run_cli(["experiment=smoke", *QUIET, "task_sequence=tic_news", f"task_sequence.data_dir={FIXTURES}", "task_sequence.tasks=[news_2017,news_2018]",
+    result = run_cli(["experiment=smoke", *QUIET, "task_sequence=tic_news", f"task_sequence.data_dir={FIXTURES}", "task_sequence.tasks=[news_2017,news_2018]", "task_sequence.train_size=3",
                       "eval.suites={}", "trainer.max_steps=3", "trainer.lr=0.01", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((run_dir / "results.json").read_text())
@@ -109,14 +121,21 @@ def test_a_temporal_run_learns_each_period_and_reports_the_split(tmp_path, tiny_
     assert R[1][0] < R[0][0] and R[2][1] < R[1][1]  # each month's perplexity falls while it is learnt
     assert results["metrics"]["temporal"] == pytest.approx(temporal_split(R))
     assert results["metrics"]["bwt"] == pytest.approx(all_metrics(R, lower_is_better=True)["bwt"])
-    # One step holds the month's three training articles: before it, the loss is their log perplexity
-    # under the base model (the new adapter starts at zero).
+    # One step (batch 4) holds the month's three training articles: before it, the loss is their log
+    # perplexity under the base model (the new adapter starts at zero).
     events = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     first_loss = next(e["loss"] for e in events if e["event"] == "train_step")
     model, tokenizer = tiny_model_and_tokenizer
-    month = load_task("news_2017", ["benchmarks"], data_dir=str(FIXTURES))
+    month = load_task("news_2017", ["benchmarks"], {"train_size": 3}, data_dir=str(FIXTURES))
     as_test = Task(name="train", dataset_path="json", doc_to_text="", doc_to_target="t", type="text", test=month.train)
     assert first_loss == pytest.approx(evaluate_task(model, PromptFormatter(tokenizer, False, None, 512), as_test, 4, "cpu")["log_perplexity"], rel=1e-4)
     scores = results["task_scores"][2][0]
     assert scores["log_perplexity"] == pytest.approx(math.log(scores["perplexity"]))
     assert (run_dir / "acc_matrix.png").exists()
+    # cl-runner-report says which rows are lower-is-better, and plots them on their own scale
+    from cl_runner.report import find_runs, markdown_table
+    from cl_runner.report_plots import write_plots
+
+    assert "Lower is better for the task scores (perplexity) of" in markdown_table(find_runs([run_dir]))
+    written = write_plots(find_runs([run_dir]), tmp_path / "plots")
+    assert {p.name for p in written} >= {"forgetting.png"} and all(p.stat().st_size > 0 for p in written)

@@ -8,7 +8,8 @@ log-likelihood in nats per token, ``perplexity`` its exponential. Lower is bette
 
 The windows go through ``choice_loglikelihoods`` as one-choice items (the start token as the
 prompt), so they share its batching and forward-pass savings. An ensemble's members are averaged
-in log-likelihood per window, as their choice scores are.
+in log-likelihood per window, as their choice scores are: its perplexity is the geometric mean of
+the members' (a mixture of their probabilities would score lower). A router sends whole windows.
 """
 
 from __future__ import annotations
@@ -42,4 +43,4 @@ def perplexity_scores(model, formatter: PromptFormatter, task: Task, batch_size:
     logliks = [sum(values) / len(values) for values in ([m[i] for m in per_member if i in m] for i in range(len(windows)))]
     tokens = sum(len(r.choices[0]) for r in requests)
     nats = -sum(logliks) / tokens
-    return {"perplexity": math.exp(nats), "log_perplexity": nats}
+    return {"perplexity": math.exp(nats) if nats < 700 else math.inf, "log_perplexity": nats}  # a diverged model: inf, not a crash

@@ -279,8 +279,8 @@ def load_task(spec: str | dict, task_dirs: list[str] | None = None, size_overrid
         raise UserError(f"task '{task.name}': metric '{task.metric}' ranks choices, so the task needs doc_to_choice")
     if _one_file_for_both_splits(task) and not task.test_equals_train:
         train_records, test_records = _split_one_file(task)
-        task.train = _render_split(task, task.training_split, train_records[: task.train_size])
-        task.test = _render_split(task, task.test_split, test_records[: task.eval_size])
+        task.train = _examples(task, task.training_split, train_records, task.train_size)
+        task.test = _examples(task, task.test_split, test_records, task.eval_size)
         return task
     if task.test_size is not None:
         raise UserError(f"task '{task.name}': test_size splits a single data file, but this task reads its splits from separate sources; remove test_size")
@@ -289,11 +289,23 @@ def load_task(spec: str | dict, task_dirs: list[str] | None = None, size_overrid
         splits["train"] = (task.training_split, task.train_size)
     per_class = {"train": task.train_per_class, "test": task.eval_per_class}
     for attr, (split, limit) in splits.items():
-        records = load_split(task, split, None if per_class[attr] else limit)
+        whole = per_class[attr] or task.type == "text"
+        records = load_split(task, split, None if whole else limit)
         if per_class[attr]:
             records = _first_per_class(task, records, per_class[attr])[:limit]
-        setattr(task, attr, _render_split(task, split, records))
+        setattr(task, attr, _examples(task, split, records, limit))
     return task
+
+
+def _examples(task: Task, split: str, records: list[tuple[str, int, dict]], limit: int | None) -> list[Example]:
+    """The first ``limit`` examples of ``records``. A text task skips empty documents first, so
+    that ``limit`` counts documents, and refuses a split left with none."""
+    if task.type != "text":
+        return _render_split(task, split, records[:limit])
+    examples = _render_split(task, split, records)[:limit]
+    if not examples:
+        raise UserError(f"task '{task.name}': split '{split}' has no document with text ({len(records)} records, every one empty)")
+    return examples
 
 
 def _first_per_class(task: Task, records: list[tuple[str, int, dict]], count: int) -> list[tuple[str, int, dict]]:
@@ -314,18 +326,20 @@ def _first_per_class(task: Task, records: list[tuple[str, int, dict]], count: in
 
 def use_local_copy(raw: dict, data_dir: str) -> dict:
     """A hub task read from ``<data_dir>/<task name>/{train,test}.jsonl`` (or ``.json``: JSON Lines or an
-    array of records) instead: the same records, offline. ``local_folder`` renames the folder."""
+    array of records) instead: the same records, offline. ``local_folder`` renames the folder.
+    A dataset with a single split (``training_split`` = ``test_split``) is copied as that one
+    split, ``train.jsonl``, and held out from as on the hub (``test_size``, ``split_seed``)."""
     folder = Path(data_dir) / (raw.get("local_folder") or raw["name"])
 
     def split_file(split: str) -> str:
         array = folder / f"{split}.json"
         return str(array if array.exists() and not (folder / f"{split}.jsonl").exists() else folder / f"{split}.jsonl")
 
-    files = {split: split_file(split) for split in ("train", "test")}
+    one_split = bool(raw.get("training_split")) and raw.get("training_split") == raw.get("test_split", "test")
+    splits = ("train",) if one_split else ("train", "test")
+    files = {split: split_file(split) for split in splits}
     kwargs = {k: v for k, v in (raw.get("dataset_kwargs") or {}).items() if k != "data_files"}
-    # A copy has its own test split: a hub split held out with test_size is not drawn again from it.
-    raw = {k: v for k, v in raw.items() if k != "test_size"}
-    return {**raw, "dataset_path": "json", "dataset_name": None, "training_split": "train", "test_split": "test",
+    return {**raw, "dataset_path": "json", "dataset_name": None, "training_split": "train", "test_split": splits[-1],
             "dataset_kwargs": {**kwargs, "data_files": files}}
 
 
@@ -373,10 +387,10 @@ def edit_batches(task: Task) -> list[Task]:
 
 def _one_file_for_both_splits(task: Task) -> bool:
     """True when training and test records would come from the same split or local file."""
+    if task.training_split and task.training_split == task.test_split:  # a hub dataset with a single split (RealTimeData's monthly news)
+        return True
     if not task.training_split or not isinstance(task.dataset_kwargs, dict):
         return False
-    if task.training_split == task.test_split:  # a hub dataset with a single split (RealTimeData's monthly news)
-        return True
     files = task.dataset_kwargs.get("data_files")
     if isinstance(files, str):
         return True
@@ -390,7 +404,7 @@ def _split_one_file(task: Task) -> tuple[list, list]:
     """Hold out ``test_size`` records of the task's one data file, drawn with ``split_seed``; both parts keep file order."""
     if task.test_size is None:
         raise UserError(
-            f"task '{task.name}': one data file serves both the train and test splits, so the test set would equal "
+            f"task '{task.name}': one data file or split serves both the train and test splits, so the test set would equal "
             "the training set; set test_size (a fraction like 0.2, or a count) and split_seed to hold records out, "
             "or test_equals_train: true if that is what you want"
         )
