@@ -53,10 +53,12 @@ def start(args, cwd) -> subprocess.Popen:
     return subprocess.Popen(_command(args, {}), cwd=cwd, env={**os.environ, "PYTHONWARNINGS": "ignore"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-# ia3 and p_tuning resume through the same class, mode and checkpoint code as seq_lora and
-# prompt_tuning (PeftAdapter, one adapter through the sequence), lora_merge as per_task_lora
-# (an adapter per task): covered by those.
-SAME_PATH_AS_ANOTHER = {"ia3", "p_tuning", "lora_merge"}
+# Methods whose class, saved state and resume code another parametrisation runs (kept under the
+# suite's time budget): ia3, p_tuning and prompt_tuning resume as seq_lora and prefix_tuning do
+# (PeftAdapter, one adapter through the sequence); lora_merge as per_task_lora (an adapter per
+# task); inc_lora is o_lora's class without the penalty; agem is gem's class (the same memories)
+# with another projection.
+SAME_PATH_AS_ANOTHER = {"ia3", "p_tuning", "prompt_tuning", "lora_merge", "inc_lora", "agem"}
 
 
 @pytest.mark.parametrize("method", [m for m in options("method") if m not in SAME_PATH_AS_ANOTHER])
