@@ -197,6 +197,11 @@ def column_values(group: Group, column: Column) -> list[float]:
     return [v * column.scale for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
 
 
+def lower_is_better(group: Group) -> bool:
+    """The row's task scores are perplexities (results.json written before the key existed: accuracy)."""
+    return group.members[0].results.get("higher_is_better", True) is False
+
+
 def markdown_table(records: Sequence[RunRecord], columns: Sequence[Column] = COLUMNS, group_over: str = "seed") -> str:
     """One row per distinct run name (overrides less ``group_over``): mean ± std of each column over its runs."""
     shared, groups = group_runs(records, group_over)
@@ -205,7 +210,7 @@ def markdown_table(records: Sequence[RunRecord], columns: Sequence[Column] = COL
     lines = []
     if shared:
         lines.append("Shared: `" + " ".join(f"{k}={v}" for k, v in shared.items()) + "`\n")
-    lower = [g.name for g in groups if g.members[0].results.get("higher_is_better", True) is False]
+    lower = [g.name for g in groups if lower_is_better(g)]
     if lower:
         lines.append("Lower is better for the task scores (perplexity) of " + ", ".join(f"`{n}`" for n in lower)
                      + ": acc and new-task acc are in its units; BWT < 0 and forgetting > 0 still mean forgetting.\n")

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from cl_runner.atomic_io import write_file_atomic
 from cl_runner.metrics import per_task_forgetting
 from cl_runner.plots import plot_heatmap
-from cl_runner.report import Group, RunRecord, group_runs
+from cl_runner.report import Group, RunRecord, group_runs, lower_is_better
 
 
 def mean_matrix(group: Group) -> list[list[float]]:
@@ -50,10 +50,6 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _lower_is_better(group: Group) -> bool:
-    return group.members[0].results.get("higher_is_better", True) is False
-
-
 def plot_curves(group: Group, path: Path) -> Path:
     plt = _pyplot()
     tasks = group.members[0].results["tasks"]
@@ -69,7 +65,7 @@ def plot_curves(group: Group, path: Path) -> Path:
         ax.axvline(i + 1, color=line.get_color(), linestyle=":", linewidth=0.8)  # where the task was learnt
     ax.set_xticks(list(steps), labels=["base", *tasks], rotation=30, ha="right")
     ax.set_xlabel("after learning")
-    if _lower_is_better(group):  # perplexities: their own range
+    if lower_is_better(group):  # perplexities: their own range
         ax.set_ylabel("score (lower is better)")
     else:
         ax.set_ylabel("score")
@@ -127,7 +123,7 @@ def write_plots(records: Sequence[RunRecord], folder: Path, group_over: str = "s
             continue  # seeds of one row over different tasks: no common matrix to average
         name = slug(group.name)
         written.append(plot_heatmap(tasks, mean_matrix(group), folder / f"{name}_matrix.png", title=f"{group.name}: mean R[t][i] (seeds {group.seeds})",
-                                    lower_is_better=_lower_is_better(group)))
+                                    lower_is_better=lower_is_better(group)))
         written.append(plot_curves(group, folder / f"{name}_curves.png"))
         by_tasks.setdefault(tuple(tasks), []).append(group)
     for index, same_tasks in enumerate(by_tasks.values()):
