@@ -53,6 +53,7 @@ class PromptFormatter:
         # Evaluation re-encodes the same items after every task: rendering templates is not free.
         self._prompt_cache: dict[tuple[str, int], list[int]] = {}
         self._answer_cache: dict[tuple[str, str], list[int]] = {}
+        self._window_cache: dict[str, list[TokenizedExample]] = {}
 
     def _messages(self, prompt: str, answer: str | None = None) -> list[dict]:
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
@@ -148,6 +149,12 @@ class PromptFormatter:
         prompt = self.encode_prompt(example, reserve)
         answer = self.answer_ids(example.prompt, example.target)
         return TokenizedExample(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer)
+
+    def windows_of(self, document: str) -> list[TokenizedExample]:
+        """A text task's document as ``document_windows`` of ``max_length`` tokens (cached, like prompts)."""
+        if document not in self._window_cache:
+            self._window_cache[document] = document_windows(self.tokenizer, document, self.max_length)
+        return self._window_cache[document]
 
     def encode_choices(self, example: Example) -> ChoiceRequest:
         """The prompt, truncated exactly as in training, and every choice's in-context training target."""

@@ -18,19 +18,19 @@ import math
 from collections.abc import Callable, Sequence
 
 from cl_runner.evaluation.loglikelihood import choice_loglikelihoods
-from cl_runner.formatting import ChoiceRequest, PromptFormatter, document_windows
+from cl_runner.formatting import ChoiceRequest, PromptFormatter
 from cl_runner.tasks import Task
 from cl_runner.training.batching import padded_batches
 
 
-def perplexity_scores(model, formatter: PromptFormatter, task: Task, batch_size: int, device, members: Sequence, router=None,
-                      answers: Callable | None = None) -> dict[str, float]:
+def perplexity_scores(model, formatter: PromptFormatter, task: Task, batch_size: int, device, members: Sequence, router,
+                      answers: Callable) -> dict[str, float]:
     """``{"perplexity": .., "log_perplexity": ..}`` of the task's test documents.
 
     ``router`` (given the windows as padded batches) may send each window to one member;
     ``answers(member, items, score)`` runs ``score(items)`` under a member's context.
     """
-    windows = [w for example in task.test for w in document_windows(formatter.tokenizer, example.target, formatter.max_length)]
+    windows = [w for example in task.test for w in formatter.windows_of(example.target)]
     requests = [ChoiceRequest(w.input_ids[:1], [w.input_ids[1:]]) for w in windows]
     routes = router(lambda: padded_batches([w.input_ids for w in windows], batch_size, device)) if router is not None else None
     chosen = [list(range(len(windows))) if routes is None else [i for i, r in enumerate(routes) if r == m] for m in range(len(members))]
