@@ -34,7 +34,7 @@ from cl_runner.evaluation import CHOICE_METRICS, evaluate_task, evaluate_tasks
 from cl_runner.evaluation.fluency import fluency_settings, generation_fluency
 from cl_runner.evaluation.generation import use_decoded
 from cl_runner.evaluation.suites import build_suites, decode_for_row, generation_requests, score_suite, scores_row, setup_suite
-from cl_runner.formatting import PromptFormatter
+from cl_runner.formatting import PromptFormatter, document_windows
 from cl_runner.loggers import NullLogger
 from cl_runner.models import load_model, resolve_device
 from cl_runner.atomic_io import write_json_atomic
@@ -183,7 +183,10 @@ class Experiment:
 
     def _training_examples(self, task: Task) -> list:
         if task.type == "text":  # documents: the language-modelling loss on every token, window by window
-            return [w for e in task.train for w in self.formatter.windows_of(e.target)]
+            # Not through the formatter's window cache: that keeps every document's windows for the
+            # whole run, and only test documents are cut again (each row's perplexity).
+            tokenizer, width = self.formatter.tokenizer, self.formatter.max_length
+            return [w for e in task.train for w in document_windows(tokenizer, e.target, width)]
         formatter = self.raw_formatter if task.type == "edit" else self.formatter  # edits complete raw text
         return [formatter.encode_example(e, task.answer_reserve) for e in task.train]
 

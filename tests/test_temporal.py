@@ -19,6 +19,7 @@ from conftest import QUIET, REPO, compose_config, run_cli
 
 FIXTURES = REPO / "tests" / "data" / "tic_news"
 YEARS = [2017, 2018, 2019, 2020, 2021, 2022, 2023, 2024]
+WINDOW = 24  # trainer.max_length of the temporal run: each fixture article spans two or three windows
 
 
 def test_a_document_is_cut_into_windows_after_the_start_token(tiny_model_and_tokenizer):
@@ -115,7 +116,8 @@ def test_a_temporal_run_learns_each_period_and_reports_the_split(tmp_path, tiny_
     perplexities, the direction, TiC-LM's split and each task's log perplexity."""
     run_dir = tmp_path / "run"
     result = run_cli(["experiment=smoke", *QUIET, "task_sequence=tic_news", f"task_sequence.data_dir={FIXTURES}", "task_sequence.tasks=[news_2017,news_2018]", "task_sequence.train_size=3",
-                      "eval.suites={}", "trainer.max_steps=3", "trainer.lr=0.01", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+                      "~eval.suites", "trainer.max_steps=3", "trainer.lr=0.01", f"trainer.max_length={WINDOW}", "trainer.batch_size=16", "task_sequence.general_probe=null",
+                      f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((run_dir / "results.json").read_text())
     R = results["acc_matrix"]
@@ -124,14 +126,15 @@ def test_a_temporal_run_learns_each_period_and_reports_the_split(tmp_path, tiny_
     # two periods, by hand: the diagonal, the one task learnt before (R[2][0]), the one still to come (R[1][1])
     assert results["metrics"]["temporal"] == pytest.approx({"in_distribution": (R[1][0] + R[2][1]) / 2, "backward": R[2][0], "forward": R[1][1]})
     assert results["metrics"]["bwt"] == pytest.approx(R[1][0] - R[2][0])  # on -R: negative when the first month's perplexity rose
-    # One step (batch 4) holds the month's three training articles: before it, the loss is their log
-    # perplexity under the base model (the new adapter starts at zero).
+    # One step (batch 16) holds every window of the month's three training articles (about 40 tokens
+    # each, cut into windows of WINDOW): before it, the loss is their log perplexity under the base model
+    # with the same windows (the new adapter starts at zero).
     events = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     first_loss = next(e["loss"] for e in events if e["event"] == "train_step")
     model, tokenizer = tiny_model_and_tokenizer
     month = load_task("news_2017", ["benchmarks"], {"train_size": 3}, data_dir=str(FIXTURES))
     as_test = Task(name="train", dataset_path="json", doc_to_text="", doc_to_target="t", type="text", test=month.train)
-    assert first_loss == pytest.approx(evaluate_task(model, PromptFormatter(tokenizer, False, None, 512), as_test, 4, "cpu")["log_perplexity"], rel=1e-4)
+    assert first_loss == pytest.approx(evaluate_task(model, PromptFormatter(tokenizer, False, None, WINDOW), as_test, 4, "cpu")["log_perplexity"], rel=1e-4)
     scores = results["task_scores"][2][0]
     assert scores["log_perplexity"] == pytest.approx(math.log(scores["perplexity"]))
     assert (run_dir / "acc_matrix.png").exists()
