@@ -13,6 +13,8 @@ table). Runs without ``results.json`` are listed under the tables as unfinished 
 ``--table edits`` gives knowledge-editing runs their own columns, from the edit tasks' scores:
 immediate (task t's scores right after it was learnt, the matrix's diagonal) and retention (the
 last row), averaged over the edit tasks, with EasyEdit's locality and the change in fluency.
+``--table learners``: the default columns and the task-identification accuracy of methods that pick
+the adapter from the input (CoLoR): the last row's share of examples routed to their own task.
 ``--table abilities``: the general-ability suites' change from the base model to the last row
 (knowledge retention and drift as their last-row values, which are relative to the base already).
 """
@@ -126,7 +128,18 @@ ABILITY_COLUMNS = (
     Column("drift KL", _ability_last("instruction_drift", "kl"), ".2f"),
     Column("drift ROUGE-L", _ability_last("instruction_drift", "rouge_l"), ".2f"),
 )
-TABLES = {"default": COLUMNS, "edits": EDIT_COLUMNS, "abilities": ABILITY_COLUMNS}
+
+
+def _task_identification(results: dict) -> float | None:
+    """A routing method's share of test examples sent to their own task's adapter in the last row
+    (CoLoR's ``method_reports[-1]["task_identification"]``, one share per task), averaged over the tasks."""
+    last = (results.get("method_reports") or [None])[-1] or {}
+    shares = last.get("task_identification") or {}
+    return statistics.fmean(shares.values()) if shares else None
+
+
+LEARNER_COLUMNS = (*COLUMNS, Column("task-id acc", _task_identification))
+TABLES = {"default": COLUMNS, "learners": LEARNER_COLUMNS, "edits": EDIT_COLUMNS, "abilities": ABILITY_COLUMNS}
 
 
 def read_overrides(run_dir: Path) -> dict[str, str]:
@@ -314,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cl-runner-report", description="Mean ± std over seeds of every run's results.json under the given folders.")
     parser.add_argument("folders", nargs="+", type=Path, help="sweep or run folders (searched recursively)")
     parser.add_argument("--split", default=None, help="one table per value of this override, e.g. task_sequence")
-    parser.add_argument("--table", default="default", choices=sorted(TABLES), help="columns: default (the matrix metrics and resources), edits (editing scores) or abilities (the general-ability suites and drift, last row against the base model)")
+    parser.add_argument("--table", default="default", choices=sorted(TABLES), help="columns: default (the matrix metrics and resources), learners (default and task-identification accuracy), edits (editing scores) or abilities (the general-ability suites and drift, last row against the base model)")
     parser.add_argument("--format", default="markdown", choices=sorted(FORMATS), help="markdown (with the runs without results), latex or csv")
     parser.add_argument("--plots", type=Path, default=None, help="also write figures into this folder (cl_runner/report_plots.py)")
     args = parser.parse_args(argv)

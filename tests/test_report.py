@@ -101,6 +101,20 @@ def test_edit_table_reads_immediate_scores_from_the_diagonal_and_retention_from_
     assert cells[1 + titles.index("fluency Δ")] == "-1.00"
 
 
+def test_learners_table_averages_the_last_rows_task_identification(tmp_path):
+    from cl_runner.report import LEARNER_COLUMNS
+
+    for seed, last in ((0, {"0": 1.0, "1": 0.5, "2": 0.9}), (1, {"0": 0.8, "1": 0.7, "2": 0.6})):
+        directory = fake_run(tmp_path, ["recipe=color", f"seed={seed}"], acc=0.5)
+        results = json.loads((directory / "results.json").read_text())
+        results["method_reports"] = [None, {"task_identification": {"0": 0.1}}, {"task_identification": {"0": 0.2, "1": 0.3}}, {"task_identification": last}]
+        (directory / "results.json").write_text(json.dumps(results))
+    fake_run(tmp_path, ["recipe=seq_lora", "seed=0"], acc=0.5)  # reports nothing: no figure, not a zero
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in markdown_table(find_runs([tmp_path]), LEARNER_COLUMNS).splitlines() if line.startswith("| `")}
+    assert rows["`recipe=color`"][-1] == "0.750 ± 0.071"  # seed 0: 2.4 / 3 = 0.8, seed 1: 2.1 / 3 = 0.7 (earlier rows ignored)
+    assert rows["`recipe=seq_lora`"][-1] == "-"
+
+
 def test_latex_and_csv_tables_hold_the_same_numbers(tmp_path):
     import csv
     import io
