@@ -24,12 +24,17 @@ def fake_run(root, overrides, acc=None, error=None, seconds=10.0):
     return directory
 
 
+def table_rows(table: str) -> dict[str, list[str]]:
+    """A markdown table's rows by name: the cells after the name (seeds first)."""
+    return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines() if line.startswith("| `")}
+
+
 def test_seeds_form_one_row_with_sample_mean_and_std(tmp_path):
     fake_run(tmp_path, ["recipe=a", "seed=0"], acc=0.5, seconds=10)
     fake_run(tmp_path, ["recipe=a", "seed=1"], acc=0.7, seconds=14)
     fake_run(tmp_path, ["recipe=b", "seed=0"], acc=0.25)
     table = markdown_table(find_runs([tmp_path]))
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines() if line.startswith("| `")}
+    rows = table_rows(table)
     assert set(rows) == {"`recipe=a`", "`recipe=b`"}  # logger / num_threads cannot change results: not in the name
     seeds, acc, bwt = rows["`recipe=a`"][:3]
     assert seeds == "0,1"
@@ -110,7 +115,7 @@ def test_learners_table_averages_the_last_rows_task_identification(tmp_path):
         results["method_reports"] = [None, {"task_identification": {"0": 0.1}}, {"task_identification": {"0": 0.2, "1": 0.3}}, {"task_identification": last}]
         (directory / "results.json").write_text(json.dumps(results))
     fake_run(tmp_path, ["recipe=seq_lora", "seed=0"], acc=0.5)  # reports nothing: no figure, not a zero
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in markdown_table(find_runs([tmp_path]), LEARNER_COLUMNS).splitlines() if line.startswith("| `")}
+    rows = table_rows(markdown_table(find_runs([tmp_path]), LEARNER_COLUMNS))
     assert rows["`recipe=color`"][-1] == "0.750 ± 0.071"  # seed 0: 2.4 / 3 = 0.8, seed 1: 2.1 / 3 = 0.7 (earlier rows ignored)
     assert rows["`recipe=seq_lora`"][-1] == "-"
 

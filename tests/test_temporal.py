@@ -19,7 +19,7 @@ from conftest import QUIET, REPO, compose_config, run_cli
 
 FIXTURES = REPO / "tests" / "data" / "tic_news"
 YEARS = [2017, 2018, 2019, 2020, 2021, 2022, 2023, 2024]
-WINDOW = 24  # trainer.max_length of the temporal run: each fixture article spans two or three windows
+WINDOW = 24  # trainer.max_length of the temporal run: each fixture article (46 tokens) spans two windows
 
 
 def test_a_document_is_cut_into_windows_after_the_start_token(tiny_model_and_tokenizer):
@@ -126,9 +126,9 @@ def test_a_temporal_run_learns_each_period_and_reports_the_split(tmp_path, tiny_
     # two periods, by hand: the diagonal, the one task learnt before (R[2][0]), the one still to come (R[1][1])
     assert results["metrics"]["temporal"] == pytest.approx({"in_distribution": (R[1][0] + R[2][1]) / 2, "backward": R[2][0], "forward": R[1][1]})
     assert results["metrics"]["bwt"] == pytest.approx(R[1][0] - R[2][0])  # on -R: negative when the first month's perplexity rose
-    # One step (batch 16) holds every window of the month's three training articles (about 40 tokens
-    # each, cut into windows of WINDOW): before it, the loss is their log perplexity under the base model
-    # with the same windows (the new adapter starts at zero).
+    # One step (batch 16) holds the six windows of the month's three training articles: before it,
+    # the loss is their log perplexity under the base model with the same windows (the new adapter
+    # starts at zero).
     events = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     first_loss = next(e["loss"] for e in events if e["event"] == "train_step")
     model, tokenizer = tiny_model_and_tokenizer
